@@ -120,7 +120,8 @@ def test_replaced_tensors_are_written_and_checked(tmp_path, tiny_llava):
     name = LAYER.format(4, "mlp.down_proj.weight")
     value = torch.full(src.tensor_info(name).shape, 0.5)
     out = write_pruned_checkpoint(src, tmp_path / "out", DROPPED, replaced={name: value})
-    written = safetensors_io.load_tensor(read_header(out / "model.safetensors").tensors[LAYER.format(3, "mlp.down_proj.weight")])
+    header = read_header(out / "model.safetensors")
+    written = safetensors_io.load_tensor(header.tensors[LAYER.format(3, "mlp.down_proj.weight")])
     assert torch.equal(written, value)
     with pytest.raises(ShortLVLMError, match="layer 5 is being dropped"):
         write_pruned_checkpoint(src, tmp_path / "x", DROPPED, replaced={LAYER.format(5, "mlp.down_proj.weight"): value})

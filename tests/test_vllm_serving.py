@@ -1,0 +1,131 @@
+"""vLLM serving the pruned checkpoint through the OpenAI API: agreement with transformers,
+streaming, concurrency, and bad requests. One server for the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+import requests
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from shortlvlm_vllm.images import data_url, image_message
+from shortlvlm_vllm.serve import VLLMServer
+
+from .conftest import random_image
+
+pytestmark = pytest.mark.vllm
+MODEL = "pruned"
+QUESTIONS = ["What is in the image?", "Describe the colours.", "Is there a square? Answer yes or no."]
+NEW_TOKENS = 8
+TOP = 5
+
+
+@pytest.fixture(scope="module")
+def server(pruned_llava, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
+    with VLLMServer(pruned_llava, log_path=log_path, dtype="float32", served_model_name=MODEL,
+                    extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+
+
+def _ask(client, image, question, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(image), question), max_tokens=NEW_TOKENS,
+        temperature=0.0, **kwargs,
+    )
+
+
+@torch.no_grad()
+def test_greedy_tokens_agree_with_transformers(client, pruned_llava):
+    processor = AutoProcessor.from_pretrained(pruned_llava)
+    model = LlavaForConditionalGeneration.from_pretrained(pruned_llava, dtype=torch.float32).eval()
+    exact = 0
+    for seed, question in enumerate(QUESTIONS):
+        image = random_image(seed)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            add_generation_prompt=True,
+        )
+        inputs = processor(images=image, text=text, return_tensors="pt")
+        hf = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True)
+        hf_tokens = hf.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        hf_top = [logits[0].topk(TOP).indices.tolist() for logits in hf.logits]
+
+        response = _ask(client, image, question, logprobs=True, top_logprobs=TOP,
+                        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True,
+                                    "add_special_tokens": True})
+        assert response.usage.prompt_tokens == inputs["input_ids"].shape[1]
+        steps = response.choices[0].logprobs.content
+        vllm_tokens = [int(s.token.removeprefix("token_id:")) for s in steps]
+        vllm_top = [[int(t.token.removeprefix("token_id:")) for t in s.top_logprobs] for s in steps]
+        assert len(vllm_tokens) == len(hf_tokens) == NEW_TOKENS
+        # vLLM's own rule (check_logprobs_close): equal tokens, or at the first divergence each
+        # side's choice is in the other's top-k, after which the sequences no longer compare.
+        for i, (v, h) in enumerate(zip(vllm_tokens, hf_tokens, strict=True)):
+            if v != h:
+                assert v in hf_top[i] and h in vllm_top[i], (i, vllm_tokens, hf_tokens)
+                break
+        else:
+            exact += 1
+    assert exact >= 2, "greedy outputs diverged on most prompts"
+
+
+def test_streaming_and_non_streaming_give_the_same_answer(client):
+    image = random_image(7)
+    whole = _ask(client, image, QUESTIONS[0]).choices[0].message.content
+    stream = _ask(client, image, QUESTIONS[0], stream=True)
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(chunks) > 1
+    assert "".join(chunks) == whole
+
+
+def test_concurrent_requests(server):
+    async def run():
+        async_client = openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+        return await asyncio.gather(*(
+            async_client.chat.completions.create(
+                model=MODEL, messages=image_message(data_url(random_image(i)), QUESTIONS[i % 3]),
+                max_tokens=NEW_TOKENS, temperature=0.0, extra_body={"ignore_eos": True},
+            )
+            for i in range(6)
+        ))
+
+    responses = asyncio.run(run())
+    assert [r.usage.completion_tokens for r in responses] == [NEW_TOKENS] * 6
+
+
+CORRUPT_PNG = "data:image/png;base64," + "aGVsbG8gd29ybGQ=" * 4
+NOT_AN_IMAGE = "data:text/plain;base64,aGVsbG8gd29ybGQ="
+
+
+@pytest.mark.parametrize("case", ["corrupt-image", "not-an-image", "too-many-images", "malformed-json"])
+def test_bad_request_is_4xx_and_server_keeps_serving(server, client, case):
+    good = data_url(random_image(1))
+    if case == "malformed-json":
+        r = requests.post(f"{server.base_url}/chat/completions", data=b'{"model": "pruned", "messages": [',
+                          headers={"Content-Type": "application/json"}, timeout=60)
+        status = r.status_code
+    else:
+        messages = {
+            "corrupt-image": image_message(CORRUPT_PNG, "What is it?"),
+            "not-an-image": image_message(NOT_AN_IMAGE, "What is it?"),
+            "too-many-images": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": good}},
+                {"type": "image_url", "image_url": {"url": good}},
+                {"type": "text", "text": "Compare them."},
+            ]}],
+        }[case]
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+        status = exc.value.status_code
+    assert 400 <= status < 500
+    assert _ask(client, random_image(2), QUESTIONS[0]).choices[0].message.content is not None
