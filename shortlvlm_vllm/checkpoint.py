@@ -121,9 +121,8 @@ def validate_drop_layers(drop_layers: Sequence[int], num_layers: int) -> list[in
     return sorted(seen)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(dst: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `dst`; it becomes `dst` only if the block succeeds."""
+def check_output_dir(dst: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output that exists (without overwrite) or cannot be created; check before long work."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise ShortLVLMError(f"output {dst} already exists: choose another path or pass --overwrite.")
@@ -134,6 +133,13 @@ def atomic_output_dir(dst: Path, overwrite: bool = False) -> Iterator[Path]:
             if not parent.is_dir():
                 raise ShortLVLMError(f"cannot write {dst}: {parent} is a file, not a directory.")
             break
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `dst`; it becomes `dst` only if the block succeeds."""
+    dst = check_output_dir(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -22,30 +22,82 @@ def _layer_list(text: str) -> list[int]:
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from shortlvlm_vllm.compensate import SCP_TARGETS
+    from shortlvlm_vllm.localize import LOCALIZERS
+    from shortlvlm_vllm.prune import COMPENSATIONS
+
     p = sub.add_parser(
         "prune",
-        help="write a copy of a vision-language checkpoint with decoder layers removed",
-        description="Remove decoder layers from a checkpoint (streamed shard by shard) and write a "
-        "checkpoint that stock transformers and vLLM load.",
+        help="remove redundant decoder layers (Short-LVLM) and write a compensated checkpoint",
+        description="Find redundant decoder layers with Token Importance Scores on calibration data, "
+        "remove them, fold Subspace-Compensated Pruning into the kept layers, and write a checkpoint that "
+        "stock transformers and vLLM load. With --drop-layers the layers are named instead of found.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="source checkpoint: a local directory or a Hugging Face Hub id")
-    p.add_argument("-o", "--output", required=True, type=Path, help="directory to write")
-    p.add_argument("--drop-layers", required=True, type=_layer_list, metavar="I,J,...",
-                   help="decoder layers to remove (0-based, original numbering), e.g. 3,5")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) of the source")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-o", "--output", type=Path, help="directory to write (not needed with --dry-run)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, e.g. 0.3")
+    what.add_argument("--drop-layers", type=_layer_list, metavar="I,J,...",
+                      help="remove these decoder layers (0-based, original numbering), e.g. 3,5")
+    cal = p.add_argument_group("calibration data")
+    cal.add_argument("--calib", help="a LLaVA conversation file (.json/.jsonl), a datasets directory or hub id")
+    cal.add_argument("--image-root", help="directory the LLaVA file's image paths are relative to "
+                     "(default: the file's directory)")
+    cal.add_argument("--num-samples", type=int, default=256, help="calibration samples drawn with --seed")
+    cal.add_argument("--split", default="train", help="datasets split")
+    cal.add_argument("--image-column", default="image")
+    cal.add_argument("--question-column", default="question")
+    cal.add_argument("--answer-column", default="answer")
+    alg = p.add_argument_group("algorithm")
+    alg.add_argument("--localize", default="tis", choices=list(LOCALIZERS), help="how to find redundant layers")
+    alg.add_argument("--candidates", help="layers that may be pruned, e.g. 16-31 or 3,5,10-12 "
+                     "(default: the second half)")
+    alg.add_argument("--top-p", type=float, default=0.10, help="fraction of vision+text tokens TIS keeps")
+    alg.add_argument("--compensate", choices=COMPENSATIONS,
+                     help="scp (Subspace-Compensated Pruning) or none (default: scp with --calib, else none)")
+    alg.add_argument("--rank", type=int, default=64, help="SCP subspace rank k")
+    alg.add_argument("--scp-target", default="down_proj", choices=list(SCP_TARGETS),
+                     help="which kept-layer weights absorb the compensation")
+    alg.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and --localize random")
+    alg.add_argument("--force", action="store_true", help="allow --ratio above 0.5")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (several GPUs: device_map)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    run.add_argument("--revision", help="hub revision (branch, tag or commit) of the source")
+    run.add_argument("--dry-run", action="store_true", help="print which layers would go and why; write nothing")
+    run.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_run_prune)
 
 
 def _run_prune(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
+    from shortlvlm_vllm.checkpoint import check_output_dir, open_checkpoint
+    from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, describe_plan, plan_pruning, write_plan
 
+    if args.output is None and not args.dry_run:
+        raise ShortLVLMError("-o/--output is required (or --dry-run to only print the plan).")
+    if args.output is not None and not args.dry_run:
+        check_output_dir(args.output, args.overwrite)
+    calibration = None
+    if args.calib:
+        calibration = CalibrationSource(
+            args.calib, args.num_samples, args.seed, args.image_root, args.split,
+            args.image_column, args.question_column, args.answer_column,
+        )
+    recipe = PruneRecipe(
+        ratio=args.ratio, drop_layers=args.drop_layers, localize=args.localize, candidates=args.candidates,
+        top_p=args.top_p, compensate=args.compensate or ("scp" if args.calib else "none"), rank=args.rank,
+        scp_target=args.scp_target, seed=args.seed, force=args.force, calibration=calibration,
+    )
     src = open_checkpoint(args.model, args.revision)
-    dst = write_pruned_checkpoint(src, args.output, args.drop_layers, {"method": "explicit"},
-                                  overwrite=args.overwrite)
-    kept = src.num_layers - len(args.drop_layers)
-    print(f"wrote {dst}: {kept} of {src.num_layers} decoder layers "
-          f"(removed {', '.join(map(str, sorted(args.drop_layers)))})")
+    plan = plan_pruning(src, recipe, args.device, args.dtype)
+    print(describe_plan(src, recipe, plan))
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    dst = write_plan(src, args.output, recipe, plan, overwrite=args.overwrite)
+    print(f"wrote {dst}: {src.num_layers - len(plan.pruned)} of {src.num_layers} decoder layers "
+          f"(removed {', '.join(map(str, plan.pruned))}; compensation: {recipe.compensate})")
     print(f"serve it with: shortlvlm serve {dst}")
     return 0
 

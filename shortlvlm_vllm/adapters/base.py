@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -17,6 +18,10 @@ class ArchitectureAdapter:
     hub_key_renames: (transformers state_dict regex, hub name) pairs that turn the names
         transformers uses in memory into the hub layout that stock vLLM loads.
     per_layer_config_lists: config keys holding one entry per decoder layer.
+    decoder_layers_module: dotted path of the decoder layers' ModuleList in the transformers model.
+    image_token_config_key: the config.json key holding the image placeholder token id.
+    layer_weights: role -> weight name inside a decoder layer (after "layers.N."), for the
+        weights that compensation edits.
     """
 
     model_type: str
@@ -25,6 +30,17 @@ class ArchitectureAdapter:
     text_config_paths: tuple[str, ...]
     hub_key_renames: tuple[tuple[str, str], ...]
     per_layer_config_lists: tuple[str, ...] = ("layer_types",)
+    decoder_layers_module: str = "model.language_model.layers"
+    image_token_config_key: str = "image_token_index"
+    layer_weights: tuple[tuple[str, str], ...] = (
+        ("q_proj", "self_attn.q_proj.weight"),
+        ("k_proj", "self_attn.k_proj.weight"),
+        ("v_proj", "self_attn.v_proj.weight"),
+        ("o_proj", "self_attn.o_proj.weight"),
+        ("gate_proj", "mlp.gate_proj.weight"),
+        ("up_proj", "mlp.up_proj.weight"),
+        ("down_proj", "mlp.down_proj.weight"),
+    )
 
     def match_layer_key(self, key: str) -> tuple[str, int, str] | None:
         """(prefix, layer index, rest) if `key` belongs to a decoder layer, else None."""
@@ -41,6 +57,22 @@ class ArchitectureAdapter:
             if n:
                 return new
         return state_dict_key
+
+    def layer_weight_key(self, keys: Iterable[str], layer: int, role: str) -> str:
+        """The checkpoint key of weight `role` (e.g. "down_proj") of decoder layer `layer`."""
+        rest = "." + dict(self.layer_weights)[role]
+        for key in keys:
+            m = self.match_layer_key(key)
+            if m and m[1] == layer and m[2] == rest:
+                return key
+        raise KeyError(f"no {role} weight for decoder layer {layer}")
+
+    def decoder_layers(self, model) -> list:
+        """The decoder layers of a loaded transformers model, in order."""
+        module = model
+        for part in self.decoder_layers_module.split("."):
+            module = getattr(module, part)
+        return list(module)
 
     def text_configs(self, config: dict) -> list[dict]:
         """The config.json sections that describe the decoder layers (created if absent)."""

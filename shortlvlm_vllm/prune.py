@@ -1,0 +1,204 @@
+"""The pruning pipeline: calibrate -> localize -> compensate -> write the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from shortlvlm_vllm.checkpoint import SourceCheckpoint, validate_drop_layers, write_pruned_checkpoint
+from shortlvlm_vllm.compensate import SCP_TARGETS, Compensation, compensate
+from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.localize import LOCALIZERS, LayerStatistics, layers_to_prune, localize, parse_candidates
+
+log = logging.getLogger(__name__)
+
+COMPENSATIONS = ("scp", "none")
+SCORES_PLOT = "short_lvlm_scores.png"
+
+
+@dataclass
+class CalibrationSource:
+    """Where calibration samples come from (see calibration_data.load_calibration)."""
+
+    source: str
+    num_samples: int = 256
+    seed: int = 0
+    image_root: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    question_column: str = "question"
+    answer_column: str = "answer"
+
+
+@dataclass
+class PruneRecipe:
+    """What to prune and how; `drop_layers` overrides localization."""
+
+    ratio: float | None = None
+    drop_layers: list[int] | None = None
+    localize: str = "tis"
+    candidates: str | None = None
+    top_p: float = 0.10
+    compensate: str = "scp"
+    rank: int = 64
+    scp_target: str = "down_proj"
+    seed: int = 0
+    force: bool = False
+    calibration: CalibrationSource | None = None
+
+
+@dataclass
+class PrunePlan:
+    """The decision, before any weight is written."""
+
+    pruned: list[int]
+    candidates: list[int]
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    statistics: LayerStatistics | None = None
+
+
+def check_recipe(recipe: PruneRecipe, num_layers: int, hidden_size: int) -> list[int]:
+    """Validate everything that can be checked before loading the model; returns the candidates."""
+    if (recipe.ratio is None) == (recipe.drop_layers is None):
+        raise ShortLVLMError("give either --ratio (find the layers) or --drop-layers (name them), not both.")
+    if recipe.localize not in LOCALIZERS:
+        raise ShortLVLMError(f"unknown --localize {recipe.localize!r}; choose from {', '.join(LOCALIZERS)}.")
+    if recipe.compensate not in COMPENSATIONS:
+        raise ShortLVLMError(f"unknown --compensate {recipe.compensate!r}; choose from {', '.join(COMPENSATIONS)}.")
+    if recipe.scp_target not in SCP_TARGETS:
+        raise ShortLVLMError(f"unknown --scp-target {recipe.scp_target!r}; choose from {', '.join(SCP_TARGETS)}.")
+    if not 0 < recipe.top_p <= 1:
+        raise ShortLVLMError(f"--top-p must be in (0, 1], got {recipe.top_p}.")
+    candidates = parse_candidates(recipe.candidates, num_layers)
+    if recipe.drop_layers is not None:
+        validate_drop_layers(recipe.drop_layers, num_layers)
+    else:
+        layers_to_prune(recipe.ratio, num_layers, len(candidates), recipe.force)
+    needs_calibration = recipe.ratio is not None or recipe.compensate == "scp"
+    if needs_calibration and recipe.calibration is None:
+        raise ShortLVLMError(
+            "this needs calibration data: pass --calib (a LLaVA conversation file, a datasets source or path)"
+            + (", or --compensate none with --drop-layers." if recipe.ratio is None else ".")
+        )
+    if recipe.compensate == "scp":
+        n = recipe.calibration.num_samples
+        if not 1 <= recipe.rank <= min(n, hidden_size):
+            raise ShortLVLMError(
+                f"--rank {recipe.rank} must be between 1 and min(N, D) = min({n} samples, hidden size "
+                f"{hidden_size}); lower --rank or raise --num-samples."
+            )
+    return candidates
+
+
+def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
+    """The unpruned model and processor for calibration, with SDPA attention."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs: dict = {"attn_implementation": "sdpa"}
+    if dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    else:
+        kwargs["dtype"] = "auto"
+    if device == "auto":
+        if torch.cuda.device_count() > 1:
+            kwargs["device_map"] = "auto"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+    if "device_map" not in kwargs:
+        model.to(device)
+    log.info("loaded %s (%s) on %s", path, next(model.parameters()).dtype, next(model.parameters()).device)
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def plan_pruning(
+    src: SourceCheckpoint, recipe: PruneRecipe, device: str = "auto", dtype: str = "auto"
+) -> PrunePlan:
+    """Decide which layers go; runs the calibration pass when localization or SCP needs it."""
+    from shortlvlm_vllm.calibrate import run_calibration
+    from shortlvlm_vllm.calibration_data import load_calibration
+
+    hidden_size = src.adapter.text_configs(dict(src.config))[0].get("hidden_size", 0) or 0
+    candidates = check_recipe(recipe, src.num_layers, hidden_size or recipe.rank)
+    if recipe.calibration is None:
+        return PrunePlan(sorted(recipe.drop_layers), candidates)
+    cal = recipe.calibration
+    samples = load_calibration(
+        cal.source, num_samples=cal.num_samples, seed=cal.seed, image_root=cal.image_root, split=cal.split,
+        image_column=cal.image_column, question_column=cal.question_column, answer_column=cal.answer_column,
+    )
+    if recipe.compensate == "scp" and recipe.rank > len(samples):
+        raise ShortLVLMError(
+            f"--rank {recipe.rank} is larger than the {len(samples)} calibration samples available; lower --rank."
+        )
+    model, processor = load_model(src.path, device, dtype)
+    stats = run_calibration(model, processor, src.adapter, samples, candidates, recipe.top_p)
+    del model
+    scores = {name: loc.scores(stats, candidates) for name, loc in LOCALIZERS.items()}
+    scores = {name: s for name, s in scores.items() if s}
+    if recipe.drop_layers is not None:
+        pruned = sorted(recipe.drop_layers)
+    else:
+        n = layers_to_prune(recipe.ratio, src.num_layers, len(candidates), recipe.force)
+        pruned, _ = localize(recipe.localize, stats, n, candidates, recipe.seed)
+    return PrunePlan(pruned, candidates, scores, stats)
+
+
+def describe_plan(src: SourceCheckpoint, recipe: PruneRecipe, plan: PrunePlan) -> str:
+    method = "explicit" if recipe.drop_layers is not None else recipe.localize
+    lines = [f"{src.name}: {src.num_layers} decoder layers; candidates {_ranges(plan.candidates)}",
+             f"prune {len(plan.pruned)} layers by {method}: {plan.pruned}"]
+    if method in plan.scores:
+        lines.append(f"  {method} scores (higher = more redundant):")
+        for layer, score in sorted(plan.scores[method].items()):
+            mark = "  <- pruned" if layer in plan.pruned else ""
+            lines.append(f"    layer {layer:3d}: {score:.4f}{mark}")
+    return "\n".join(lines)
+
+
+def write_plan(
+    src: SourceCheckpoint, output: Path, recipe: PruneRecipe, plan: PrunePlan, overwrite: bool = False
+) -> Path:
+    """Fold the compensation into the kept layers and write the checkpoint, plot and card."""
+    compensation: Compensation | None = None
+    if recipe.compensate == "scp":
+        compensation = compensate(src, plan.pruned, plan.statistics.features, recipe.rank, recipe.scp_target)
+    record = _record(recipe, plan, compensation)
+    extra_files, card = {}, ""
+    if plan.scores:
+        from shortlvlm_vllm.plots import plot_layer_scores
+
+        extra_files[SCORES_PLOT] = plot_layer_scores(plan.scores, plan.pruned, src.num_layers, str(src.name))
+        card = f"## Layer scores\n\n![per-layer scores, pruned layers marked]({SCORES_PLOT})\n"
+    return write_pruned_checkpoint(
+        src, output, plan.pruned, record, replaced=compensation.replaced if compensation else None,
+        extra_files=extra_files, card_extra=card, overwrite=overwrite,
+    )
+
+
+def _record(recipe: PruneRecipe, plan: PrunePlan, compensation: Compensation | None) -> dict:
+    record: dict = {
+        "method": "explicit" if recipe.drop_layers is not None else recipe.localize,
+        "ratio": recipe.ratio,
+        "candidates": plan.candidates,
+        "top_p": recipe.top_p,
+        "compensation": recipe.compensate,
+    }
+    if compensation is not None:
+        record |= {
+            "rank": recipe.rank,
+            "scp_target": recipe.scp_target,
+            "compensation_pairs": {str(p): r for p, r in compensation.pairs.items()},
+        }
+    if recipe.localize == "random":
+        record["seed"] = recipe.seed
+    if recipe.calibration is not None:
+        record["calibration"] = asdict(recipe.calibration) | {"num_samples_used": plan.statistics.num_samples}
+    record["scores"] = {name: {str(k): round(v, 6) for k, v in s.items()} for name, s in plan.scores.items()}
+    return record
+
+
+def _ranges(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)

@@ -1,0 +1,146 @@
+"""The calibration pass: Token Importance Scores on built inputs, and the hooks on a real model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from shortlvlm_vllm.adapters.llava import LLAVA
+from shortlvlm_vllm.calibrate import (
+    TokenLayout,
+    _hooks,
+    _Accumulator,
+    _SampleRecorder,
+    calibration_inputs,
+    run_calibration,
+    select_top_tokens,
+    token_importance_chunked,
+    token_importance_dense,
+)
+from shortlvlm_vllm.calibration_data import CalibrationSample
+from shortlvlm_vllm.fixtures import copy_checkpoint
+from shortlvlm_vllm.localize import LOCALIZERS
+
+from .conftest import random_image
+
+IMG = 9
+
+# Queries are rows. Position 0 is BOS (outside the pool), 1-2 are image tokens, 3-5 text.
+HAND_ATTENTION = torch.tensor([
+    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+    [0.2, 0.3, 0.5, 0.0, 0.0, 0.0],
+    [0.1, 0.2, 0.3, 0.4, 0.0, 0.0],
+    [0.1, 0.1, 0.2, 0.2, 0.4, 0.0],
+    [0.0, 0.1, 0.1, 0.2, 0.2, 0.4],
+])
+
+
+def test_layout_pool_excludes_tokens_before_the_image():
+    layout = TokenLayout.from_input_ids(torch.tensor([[1, 5, IMG, IMG, 6, IMG, 7, 8]]), IMG)
+    assert layout.visual.tolist() == [2, 3, 5]
+    assert layout.text.tolist() == [4, 6, 7]
+    assert layout.pool.tolist() == [2, 3, 4, 5, 6, 7]
+
+
+def test_tis_of_a_hand_made_attention_matrix():
+    layout = TokenLayout.from_input_ids(torch.tensor([1, IMG, IMG, 5, 6, 7]), IMG)
+    scores = token_importance_dense(HAND_ATTENTION, layout)
+    expected = [
+        ((0.5 + 0.3) / 2 + (0.2 + 0.1 + 0.1) / 3) / 2,  # image 1: intra over queries 1, 2; cross over 3-5
+        (0.5 / 1 + (0.3 + 0.2 + 0.1) / 3) / 2,  # image 2: only query 2 is causally valid among images
+        ((0.2 + 0.3) / 2 + (0.4 + 0.2 + 0.2) / 3) / 2,  # text 3: cross to images 1-2; intra over 3-5
+        ((0.1 + 0.2) / 2 + (0.4 + 0.2) / 2) / 2,  # text 4
+        ((0.1 + 0.1) / 2 + 0.4 / 1) / 2,  # text 5
+    ]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64))
+    # BOS soaks up attention but is never scored nor selected; top 40% of 5 tokens = 2 tokens
+    assert select_top_tokens(scores, layout.pool, 0.4).tolist() == [1, 2]
+    assert select_top_tokens(scores, layout.pool, 0.01).tolist() == [2]  # at least one token
+
+
+def _dense_attention(query, key, scaling):
+    heads = query.shape[0]
+    key = key.repeat_interleave(heads // key.shape[0], dim=0)
+    scores = query @ key.transpose(1, 2) * scaling
+    length = query.shape[1]
+    scores.masked_fill_(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1).mean(0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_tis_equals_dense(chunk):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([1, 5, 6, 7] + [IMG] * 16 + list(range(20, 40)))
+    query = torch.randn(4, ids.numel(), 16, generator=gen)
+    key = torch.randn(2, ids.numel(), 16, generator=gen)  # grouped-query attention: 2 kv heads
+    layout = TokenLayout.from_input_ids(ids, IMG)
+    dense = token_importance_dense(_dense_attention(query, key, 0.25), layout)
+    chunked = token_importance_chunked(query, key, 0.25, layout, chunk=chunk)
+    torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-7)
+
+
+def _samples(n):
+    return [CalibrationSample(str(i), "What is in the image?", "A red square and a blue circle.", random_image(i))
+            for i in range(n)]
+
+
+class _KeepScores(_SampleRecorder):
+    """Records each candidate layer's TIS instead of only the selection."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.scores = {}
+
+    def on_attention(self, layer, query, key, scaling):
+        if layer in self.candidates:
+            self.scores[layer] = token_importance_chunked(query[0], key[0], scaling, self.layout)
+        super().on_attention(layer, query, key, scaling)
+
+
+@torch.no_grad()
+def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_llava):
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    sample = _samples(1)[0]
+    inputs = calibration_inputs(processor, sample)
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], IMG_ID(tiny_llava))
+    sdpa = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="sdpa").eval()
+    recorder = _KeepScores(_Accumulator(8, [4, 5, 6, 7], 1, 128), 0.1)
+    recorder.start(0, layout)
+    with _hooks(sdpa, LLAVA, recorder):
+        hooked_logits = sdpa(**inputs).logits
+    torch.testing.assert_close(hooked_logits, sdpa(**inputs).logits)  # the hooks change nothing
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="eager").eval()
+    attentions = eager(**inputs, output_attentions=True).attentions
+    assert sorted(recorder.scores) == [4, 5, 6, 7]
+    for layer, scores in recorder.scores.items():
+        reference = token_importance_dense(attentions[layer][0].mean(0), layout)
+        torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
+
+
+def IMG_ID(model_dir):  # noqa: N802
+    import json
+
+    return json.loads((model_dir / "config.json").read_text())["image_token_index"]
+
+
+@torch.no_grad()
+def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_llava, tmp_path):
+    model_dir = copy_checkpoint(tiny_llava, tmp_path / "identity")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    layer = LLAVA.decoder_layers(model)[5]
+    layer.self_attn.o_proj.weight.zero_()
+    layer.mlp.down_proj.weight.zero_()  # the layer now returns its input unchanged
+    processor = AutoProcessor.from_pretrained(model_dir)
+    stats = run_calibration(model, processor, LLAVA, _samples(3), candidates=[4, 5, 6, 7])
+    assert stats.num_samples == 3 and stats.features.shape == (8, 3, 128)
+    for name in ("tis", "all-tokens", "text-only", "visual-only"):
+        assert stats.cosine[name][5] == pytest.approx(1.0, abs=1e-6), name
+        assert max(stats.cosine[name][l] for l in (4, 6, 7)) < 0.999, name
+        pruned = LOCALIZERS[name].select(stats, 1, [4, 5, 6, 7], 0)
+        assert pruned == [5], name
+    assert stats.angular[5, 5] == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(stats.angular[6, 5]) and stats.angular[4, 6] > 0

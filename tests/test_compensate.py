@@ -1,0 +1,221 @@
+"""Subspace-Compensated Pruning: pairing, subspace recovery, weight folding, and the checkpoint edit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
+from shortlvlm_vllm.compensate import SCP_TARGETS, compensate, fold_input, fold_output, pair_layers, scp_basis
+from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.safetensors_io import load_tensor
+
+NUM_LAYERS, NUM_SAMPLES, HIDDEN = 8, 20, 128
+LAYER_KEY = "language_model.model.layers.{}.{}"
+WEIGHTS = {
+    "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight", "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight", "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
+
+
+# --- pairing ---------------------------------------------------------------------------------
+
+
+def test_pair_ties_go_to_the_earlier_kept_layer():
+    assert pair_layers([3], 8) == {3: 2}
+    assert pair_layers([3, 5], 8) == {3: 2, 5: 4}
+
+
+def test_pair_uses_each_kept_layer_once():
+    # 4 -> 3; for 5, 3 is taken and 7 (distance 2) beats 2 (distance 3); 6 gets 2, the nearest left.
+    assert pair_layers([4, 5, 6], 8) == {4: 3, 5: 7, 6: 2}
+
+
+def test_pair_walks_pruned_layers_in_ascending_order():
+    pairs = pair_layers([6, 4, 5], 8)
+    assert list(pairs) == [4, 5, 6]
+    assert pairs == {4: 3, 5: 7, 6: 2}
+
+
+def test_pair_none_left_goes_uncompensated_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.compensate"):
+        assert pair_layers([1, 2, 3], 4) == {1: 0, 2: None, 3: None}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and "pruned layer 2" in warned[0] and "uncompensated" in warned[0]
+
+
+# --- the subspace ----------------------------------------------------------------------------
+
+
+def test_scp_basis_recovers_a_planted_low_rank_difference():
+    n, d, k = 64, 32, 4
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.randn(n, d, generator=generator)
+    a, b = torch.randn(n, k, generator=generator), torch.randn(k, d, generator=generator)
+    pruned = kept + a @ b + 1e-4 * torch.randn(n, d, generator=generator)
+    basis = scp_basis(pruned, kept, k)
+    assert basis.shape == (d, k) and basis.dtype == torch.float32
+    torch.testing.assert_close(basis.T @ basis, torch.eye(k), atol=1e-5, rtol=0)
+    q = torch.linalg.qr(b.T).Q  # orthonormal basis of B's row space
+    cosines = torch.linalg.svdvals(basis.T @ q)  # cosines of the principal angles
+    assert cosines.min() > 0.9999
+
+
+def test_scp_basis_takes_the_top_directions_first():
+    kept = torch.zeros(10, 6)
+    pruned = torch.zeros(10, 6)
+    pruned[:5, 4] = 3.0  # the strongest direction: e_4
+    pruned[5:, 1] = 1.0  # the weaker one: e_1
+    basis = scp_basis(pruned, kept, 1)
+    torch.testing.assert_close(basis.abs().squeeze(1), torch.eye(6)[4])
+
+
+def test_scp_basis_computes_in_float32():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 8, generator=generator).bfloat16()
+    assert scp_basis(x, torch.zeros_like(x), 3).dtype == torch.float32
+
+
+@pytest.mark.parametrize("rank", [0, -1, 11])
+def test_scp_basis_rank_out_of_range(rank):
+    x = torch.randn(10, 32)
+    with pytest.raises(ShortLVLMError, match=r"--rank.*min\(10, 32\)"):
+        scp_basis(x, torch.zeros_like(x), rank)
+
+
+def test_scp_basis_rank_at_the_limit():
+    x = torch.randn(10, 32)
+    assert scp_basis(x, torch.zeros_like(x), 10).shape == (32, 10)
+
+
+# --- folding ---------------------------------------------------------------------------------
+
+
+def test_fold_output_is_identity_plus_projection_times_w():
+    d, inner = 16, 24
+    w = torch.randn(d, inner, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    v = orthonormal(d, 3, seed=3)
+    expected = (torch.eye(d, dtype=torch.float64) + v @ v.T) @ w
+    out = fold_output(w.float(), v.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_input_is_w_times_identity_plus_projection():
+    d, outer = 16, 24
+    w = torch.randn(outer, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v = orthonormal(d, 3, seed=5)
+    expected = w @ (torch.eye(d, dtype=torch.float64) + v @ v.T)
+    out = fold_input(w.float(), v.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("fold", "shape"), [(fold_output, (16, 24)), (fold_input, (24, 16))])
+def test_fold_keeps_bfloat16(fold, shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+    v = orthonormal(16, 2, seed=7).float()
+    eye = torch.eye(16, dtype=torch.float64)
+    projection = eye + v.double() @ v.double().T
+    expected = projection @ w.double() if fold is fold_output else w.double() @ projection
+    out = fold(w, v)
+    assert out.dtype == torch.bfloat16 and out.shape == w.shape
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_fold_leaves_the_orthogonal_complement_alone():
+    v = orthonormal(16, 2, seed=8)
+    w = torch.eye(16, dtype=torch.float64) - v @ v.T  # columns lie outside span(V)
+    torch.testing.assert_close(fold_output(w, v), w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fold_input(w, v), w, atol=1e-6, rtol=0)
+
+
+# --- compensate on a checkpoint ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_llava(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("scp") / "tiny-llava-bf16", dtype=torch.bfloat16,
+                            num_layers=NUM_LAYERS, hidden_size=HIDDEN)
+
+
+@pytest.fixture(scope="module")
+def features():
+    return torch.randn(NUM_LAYERS, NUM_SAMPLES, HIDDEN, generator=torch.Generator().manual_seed(9))
+
+
+def original(src, layer: int, role: str) -> torch.Tensor:
+    return load_tensor(src.tensor_info(LAYER_KEY.format(layer, WEIGHTS[role])))
+
+
+def test_compensate_down_proj(bf16_llava, features):
+    src = open_checkpoint(bf16_llava)
+    comp = compensate(src, [5, 3], features, rank=8)
+    assert comp.pairs == {3: 2, 5: 4}
+    assert set(comp.replaced) == {LAYER_KEY.format(r, WEIGHTS["down_proj"]) for r in (2, 4)}
+    assert set(comp.bases) == {2, 4}
+    for p, r in comp.pairs.items():
+        basis = scp_basis(features[p], features[r], 8)
+        torch.testing.assert_close(comp.bases[r], basis)
+        assert comp.bases[r].shape == (HIDDEN, 8) and comp.bases[r].dtype == torch.float32
+        before = original(src, r, "down_proj")
+        after = comp.replaced[LAYER_KEY.format(r, WEIGHTS["down_proj"])]
+        assert after.dtype == before.dtype == torch.bfloat16 and after.shape == before.shape
+        assert torch.equal(after, fold_output(before, basis))
+        assert not torch.equal(after, before)
+
+
+def test_compensate_down_proj_and_o_proj(bf16_llava, features):
+    src = open_checkpoint(bf16_llava)
+    comp = compensate(src, [3], features, rank=4, target="down_proj+o_proj")
+    assert set(comp.replaced) == {LAYER_KEY.format(2, WEIGHTS[role]) for role in ("down_proj", "o_proj")}
+    for role in ("down_proj", "o_proj"):
+        after = comp.replaced[LAYER_KEY.format(2, WEIGHTS[role])]
+        assert torch.equal(after, fold_output(original(src, 2, role), comp.bases[2]))
+
+
+def test_compensate_inputs_edits_the_input_side(bf16_llava, features):
+    src = open_checkpoint(bf16_llava)
+    comp = compensate(src, [6], features, rank=4, target="inputs")
+    roles = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert comp.pairs == {6: 5}
+    assert set(comp.replaced) == {LAYER_KEY.format(5, WEIGHTS[role]) for role in roles}
+    for role in roles:
+        before = original(src, 5, role)
+        after = comp.replaced[LAYER_KEY.format(5, WEIGHTS[role])]
+        assert after.shape == before.shape and after.dtype == before.dtype
+        assert torch.equal(after, fold_input(before, comp.bases[5]))
+
+
+def test_compensate_skips_unpaired_layers(bf16_llava, features, caplog):
+    src = open_checkpoint(bf16_llava)
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.compensate"):
+        comp = compensate(src, [2, 3, 4, 5, 6], features, rank=2)
+    assert comp.pairs == {2: 1, 3: 0, 4: 7, 5: None, 6: None}
+    assert set(comp.bases) == {0, 1, 7}
+    assert set(comp.replaced) == {LAYER_KEY.format(r, WEIGHTS["down_proj"]) for r in (0, 1, 7)}
+    assert "uncompensated" in caplog.text
+
+
+def test_compensated_weights_fit_the_checkpoint_writer(bf16_llava, features, tmp_path):
+    src = open_checkpoint(bf16_llava)
+    comp = compensate(src, [3, 5], features, rank=8)
+    out = open_checkpoint(write_pruned_checkpoint(src, tmp_path / "pruned", [3, 5], replaced=comp.replaced))
+    # Layer 4 of the source is layer 3 after pruning layer 3.
+    written = load_tensor(out.tensor_info(LAYER_KEY.format(3, WEIGHTS["down_proj"])))
+    assert torch.equal(written, comp.replaced[LAYER_KEY.format(4, WEIGHTS["down_proj"])])
+
+
+def test_compensate_unknown_target_lists_options(bf16_llava, features):
+    with pytest.raises(ShortLVLMError, match="unknown SCP target 'mlp'") as info:
+        compensate(open_checkpoint(bf16_llava), [3], features, rank=4, target="mlp")
+    assert all(name in str(info.value) for name in SCP_TARGETS)
