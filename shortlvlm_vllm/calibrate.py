@@ -157,7 +157,7 @@ class _Accumulator:
         return LayerStatistics(
             num_layers=self.num_layers,
             num_samples=seen,
-            cosine={name: {l: s / seen for l, s in sums.items()} for name, sums in self.cosine_sums.items()},
+            cosine={name: {layer: s / seen for layer, s in sums.items()} for name, sums in self.cosine_sums.items()},
             angular=angular,
             features=self.features[:, :seen],
         )

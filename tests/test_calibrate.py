@@ -11,8 +11,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from shortlvlm_vllm.adapters.llava import LLAVA
 from shortlvlm_vllm.calibrate import (
     TokenLayout,
-    _hooks,
     _Accumulator,
+    _hooks,
     _SampleRecorder,
     calibration_inputs,
     run_calibration,
@@ -139,7 +139,7 @@ def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_llava, tm
     assert stats.num_samples == 3 and stats.features.shape == (8, 3, 128)
     for name in ("tis", "all-tokens", "text-only", "visual-only"):
         assert stats.cosine[name][5] == pytest.approx(1.0, abs=1e-6), name
-        assert max(stats.cosine[name][l] for l in (4, 6, 7)) < 0.999, name
+        assert max(stats.cosine[name][other] for other in (4, 6, 7)) < 0.999, name
         pruned = LOCALIZERS[name].select(stats, 1, [4, 5, 6, 7], 0)
         assert pruned == [5], name
     assert stats.angular[5, 5] == pytest.approx(0.0, abs=1e-6)
