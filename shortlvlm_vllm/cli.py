@@ -45,6 +45,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--image-root", help="directory the LLaVA file's image paths are relative to "
                      "(default: the file's directory)")
     cal.add_argument("--num-samples", type=int, default=256, help="calibration samples drawn with --seed")
+    cal.add_argument("--heldout", type=int, default=16,
+                     help="further samples, not calibrated on, to measure the pruned model's drift (0: skip)")
     cal.add_argument("--split", default="train", help="datasets split")
     cal.add_argument("--image-column", default="image")
     cal.add_argument("--question-column", default="question")
@@ -81,7 +83,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     calibration = None
     if args.calib:
         calibration = CalibrationSource(
-            args.calib, args.num_samples, args.seed, args.image_root, args.split,
+            args.calib, args.num_samples, args.heldout, args.seed, args.image_root, args.split,
             args.image_column, args.question_column, args.answer_column,
         )
     recipe = PruneRecipe(

@@ -12,6 +12,7 @@ from shortlvlm_vllm.checkpoint import SourceCheckpoint, validate_drop_layers, wr
 from shortlvlm_vllm.compensate import SCP_TARGETS, Compensation, compensate
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.localize import LOCALIZERS, LayerStatistics, layers_to_prune, localize, parse_candidates
+from shortlvlm_vllm.measure import Drift, measure_drift
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class CalibrationSource:
 
     source: str
     num_samples: int = 256
+    heldout: int = 16  # further samples, never calibrated on, for measuring the pruned model's drift
     seed: int = 0
     image_root: str | None = None
     split: str = "train"
@@ -58,6 +60,8 @@ class PrunePlan:
     candidates: list[int]
     scores: dict[str, dict[int, float]] = field(default_factory=dict)
     statistics: LayerStatistics | None = None
+    compensation: Compensation | None = None
+    drift: dict[str, Drift] = field(default_factory=dict)  # "none" / "scp" -> drift on held-out samples
 
 
 def check_recipe(recipe: PruneRecipe, num_layers: int, hidden_size: int) -> list[int]:
@@ -125,17 +129,20 @@ def plan_pruning(
     if recipe.calibration is None:
         return PrunePlan(sorted(recipe.drop_layers), candidates)
     cal = recipe.calibration
-    samples = load_calibration(
-        cal.source, num_samples=cal.num_samples, seed=cal.seed, image_root=cal.image_root, split=cal.split,
-        image_column=cal.image_column, question_column=cal.question_column, answer_column=cal.answer_column,
+    drawn = load_calibration(
+        cal.source, num_samples=cal.num_samples + cal.heldout, seed=cal.seed, image_root=cal.image_root,
+        split=cal.split, image_column=cal.image_column, question_column=cal.question_column,
+        answer_column=cal.answer_column,
     )
+    samples, heldout = drawn[: cal.num_samples], drawn[cal.num_samples:]
+    if cal.heldout and len(heldout) < cal.heldout:
+        log.warning("only %d held-out samples left after %d calibration samples", len(heldout), len(samples))
     if recipe.compensate == "scp" and recipe.rank > len(samples):
         raise ShortLVLMError(
             f"--rank {recipe.rank} is larger than the {len(samples)} calibration samples available; lower --rank."
         )
     model, processor = load_model(src.path, device, dtype)
     stats = run_calibration(model, processor, src.adapter, samples, candidates, recipe.top_p)
-    del model
     scores = {name: loc.scores(stats, candidates) for name, loc in LOCALIZERS.items()}
     scores = {name: s for name, s in scores.items() if s}
     if recipe.drop_layers is not None:
@@ -143,7 +150,13 @@ def plan_pruning(
     else:
         n = layers_to_prune(recipe.ratio, src.num_layers, len(candidates), recipe.force)
         pruned, _ = localize(recipe.localize, stats, n, candidates, recipe.seed)
-    return PrunePlan(pruned, candidates, scores, stats)
+    plan = PrunePlan(pruned, candidates, scores, stats)
+    if recipe.compensate == "scp":
+        plan.compensation = compensate(src, pruned, stats.features, recipe.rank, recipe.scp_target)
+    if heldout:
+        variants = {"none": None} | ({"scp": plan.compensation.replaced} if plan.compensation else {})
+        plan.drift = measure_drift(model, processor, src.adapter, heldout, pruned, variants)
+    return plan
 
 
 def describe_plan(src: SourceCheckpoint, recipe: PruneRecipe, plan: PrunePlan) -> str:
@@ -155,6 +168,10 @@ def describe_plan(src: SourceCheckpoint, recipe: PruneRecipe, plan: PrunePlan) -
         for layer, score in sorted(plan.scores[method].items()):
             mark = "  <- pruned" if layer in plan.pruned else ""
             lines.append(f"    layer {layer:3d}: {score:.4f}{mark}")
+    if plan.drift:
+        lines.append("  held-out drift from the full model (lower is better):")
+        lines += [f"    compensation {name:4s}: KL {d.kl:.5f} nats/token, hidden distance {d.hidden_distance:.4f}"
+                  for name, d in plan.drift.items()]
     return "\n".join(lines)
 
 
@@ -162,9 +179,7 @@ def write_plan(
     src: SourceCheckpoint, output: Path, recipe: PruneRecipe, plan: PrunePlan, overwrite: bool = False
 ) -> Path:
     """Fold the compensation into the kept layers and write the checkpoint, plot and card."""
-    compensation: Compensation | None = None
-    if recipe.compensate == "scp":
-        compensation = compensate(src, plan.pruned, plan.statistics.features, recipe.rank, recipe.scp_target)
+    compensation = plan.compensation
     record = _record(recipe, plan, compensation)
     extra_files, card = {}, ""
     if plan.scores:
@@ -172,6 +187,12 @@ def write_plan(
 
         extra_files[SCORES_PLOT] = plot_layer_scores(plan.scores, plan.pruned, src.num_layers, str(src.name))
         card = f"## Layer scores\n\n![per-layer scores, pruned layers marked]({SCORES_PLOT})\n"
+    if plan.drift:
+        n = recipe.calibration.heldout
+        card += (f"\n## Drift from the full model on held-out samples\n\nMeasured on up to {n} calibration-source "
+                 "samples not used for calibration (text positions after the image).\n\n"
+                 "| compensation | KL (nats/token) | last hidden state distance |\n| --- | --- | --- |\n")
+        card += "".join(f"| {name} | {d.kl:.5f} | {d.hidden_distance:.4f} |\n" for name, d in plan.drift.items())
     return write_pruned_checkpoint(
         src, output, plan.pruned, record, replaced=compensation.replaced if compensation else None,
         extra_files=extra_files, card_extra=card, overwrite=overwrite,
@@ -196,6 +217,8 @@ def _record(recipe: PruneRecipe, plan: PrunePlan, compensation: Compensation | N
         record["seed"] = recipe.seed
     if recipe.calibration is not None:
         record["calibration"] = asdict(recipe.calibration) | {"num_samples_used": plan.statistics.num_samples}
+    if plan.drift:
+        record["heldout_drift"] = {name: d.as_dict() for name, d in plan.drift.items()}
     record["scores"] = {name: {str(k): round(v, 6) for k, v in s.items()} for name, s in plan.scores.items()}
     return record
 

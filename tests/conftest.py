@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
 from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, plan_pruning, write_plan
 
 DROPPED = [3, 5]
 
@@ -23,6 +25,30 @@ def tiny_llava(tmp_path_factory) -> Path:
 def pruned_llava(tiny_llava, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-llava-pruned"
     return write_pruned_checkpoint(open_checkpoint(tiny_llava), out, DROPPED, {"method": "explicit"})
+
+
+@pytest.fixture(scope="session")
+def llava_calib(tmp_path_factory) -> Path:
+    """A LLaVA-format conversation file with 40 image questions."""
+    root = tmp_path_factory.mktemp("calib")
+    (root / "images").mkdir()
+    records = []
+    for i in range(40):
+        random_image(100 + i).save(root / "images" / f"{i}.png")
+        records.append({"id": f"sample-{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colours are in the picture?"},
+            {"from": "gpt", "value": "Several coloured rectangles on a plain background."},
+        ]})
+    (root / "llava.json").write_text(json.dumps(records))
+    return root / "llava.json"
+
+
+@pytest.fixture(scope="session")
+def scp_pruned_llava(tiny_llava, llava_calib, tmp_path_factory) -> Path:
+    """The tiny LLaVA pruned 25% by TIS with SCP folded in."""
+    src = open_checkpoint(tiny_llava)
+    recipe = PruneRecipe(ratio=0.25, rank=16, calibration=CalibrationSource(str(llava_calib), num_samples=24))
+    return write_plan(src, tmp_path_factory.mktemp("models") / "tiny-llava-tis-scp", recipe, plan_pruning(src, recipe))
 
 
 def random_image(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:

@@ -23,10 +23,16 @@ NEW_TOKENS = 8
 TOP = 5
 
 
+@pytest.fixture(scope="module", params=["pruned_llava", "scp_pruned_llava"], ids=["explicit", "tis-scp"])
+def served_checkpoint(request):
+    """Each test runs against layers removed by hand and against TIS + folded SCP."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
-def server(pruned_llava, tmp_path_factory):
+def server(served_checkpoint, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
-    with VLLMServer(pruned_llava, log_path=log_path, dtype="float32", served_model_name=MODEL,
+    with VLLMServer(served_checkpoint, log_path=log_path, dtype="float32", served_model_name=MODEL,
                     extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
         yield running
 
@@ -44,9 +50,9 @@ def _ask(client, image, question, **kwargs):
 
 
 @torch.no_grad()
-def test_greedy_tokens_agree_with_transformers(client, pruned_llava):
-    processor = AutoProcessor.from_pretrained(pruned_llava)
-    model = LlavaForConditionalGeneration.from_pretrained(pruned_llava, dtype=torch.float32).eval()
+def test_greedy_tokens_agree_with_transformers(client, served_checkpoint):
+    processor = AutoProcessor.from_pretrained(served_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(served_checkpoint, dtype=torch.float32).eval()
     exact = 0
     for seed, question in enumerate(QUESTIONS):
         image = random_image(seed)
