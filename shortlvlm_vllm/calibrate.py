@@ -102,32 +102,33 @@ def token_importance_chunked(
 ) -> torch.Tensor:
     """TIS from one sequence's post-RoPE queries [H, T, d] and keys [H_kv, T, d], in query chunks.
 
-    Only query rows from the first pool position on are computed: earlier rows feed no statistic.
+    Scores are computed in the model's dtype and softmaxed in float32, as the model's own eager
+    attention does. Only query rows from the first pool position on are computed: earlier rows
+    feed no statistic. Sums over token sets are matrix products with 0/1 masks.
     """
     heads, length, _ = query.shape
     if key.shape[0] != heads:
         key = key.repeat_interleave(heads // key.shape[0], dim=0)
     chunk = chunk or max(1, _CHUNK_ELEMENTS // (heads * length))
-    is_v = torch.zeros(length, dtype=torch.bool)
-    is_v[layout.visual] = True
-    is_t = torch.zeros(length, dtype=torch.bool)
-    is_t[layout.text] = True
     device = query.device
-    col_from_v = torch.zeros(length, dtype=torch.float64, device=device)
-    col_from_t = torch.zeros(length, dtype=torch.float64, device=device)
-    row_to_v = torch.zeros(length, dtype=torch.float64, device=device)
-    visual_keys = layout.visual.to(device)
+    is_v = torch.zeros(length, device=device)
+    is_v[layout.visual.to(device)] = 1.0
+    is_t = torch.zeros(length, device=device)
+    is_t[layout.text.to(device)] = 1.0
+    col_from_v = torch.zeros(length, device=device)
+    col_from_t = torch.zeros(length, device=device)
+    row_to_v = torch.zeros(length, device=device)
+    key_t = key.transpose(1, 2)
     key_pos = torch.arange(length, device=device)
     for start in range(int(layout.visual[0]), length, chunk):
-        rows = torch.arange(start, min(start + chunk, length), device=device)
-        scores = torch.matmul(query[:, rows].float(), key.float().transpose(1, 2)) * scaling
-        scores.masked_fill_(key_pos[None, None, :] > rows[None, :, None], float("-inf"))
-        probs = scores.softmax(-1).mean(0).to(torch.float64)  # [rows, T]
-        v_rows, t_rows = is_v[rows.cpu()].to(device), is_t[rows.cpu()].to(device)
-        col_from_v += probs[v_rows].sum(0)
-        col_from_t += probs[t_rows].sum(0)
-        row_to_v[rows] = probs[:, visual_keys].sum(1)
-    return _tis_from_sums(layout, col_from_v.cpu(), col_from_t.cpu(), row_to_v.cpu())
+        stop = min(start + chunk, length)
+        scores = torch.matmul(query[:, start:stop], key_t).float().mul_(scaling)
+        scores.masked_fill_(key_pos[None, None, :] > key_pos[start:stop, None], float("-inf"))
+        probs = scores.softmax(-1).mean(0)  # [rows, T], head-averaged
+        col_from_v += is_v[start:stop] @ probs
+        col_from_t += is_t[start:stop] @ probs
+        row_to_v[start:stop] = probs @ is_v
+    return _tis_from_sums(layout, col_from_v.double().cpu(), col_from_t.double().cpu(), row_to_v.double().cpu())
 
 
 def select_top_tokens(scores: torch.Tensor, pool: torch.Tensor, top_p: float) -> torch.Tensor:
