@@ -76,8 +76,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         best = {k: min(v) for k, v in times.items()}
         d = model.config.get_text_config().hidden_size
+        shape = f"random LLaVA-shaped, hidden {args.hidden}, {args.layers} layers"
         result = {
-            "model": str(model_dir) if args.model else f"random LLaVA-shaped, hidden {args.hidden}, {args.layers} layers",
+            "model": str(model_dir) if args.model else shape,
             "dtype": str(next(model.parameters()).dtype),
             "samples": args.samples,
             "sequence_length": int(inputs[0]["input_ids"].shape[1]),

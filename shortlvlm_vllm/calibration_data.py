@@ -74,10 +74,7 @@ def load_calibration(
     if num_samples < 1:
         raise ShortLVLMError(f"the calibration set needs at least 1 sample, not {num_samples}; raise --num-samples.")
     if str(source) == "synthetic":
-        raise ShortLVLMError(
-            "the synthetic calibration set is not available yet; pass a LLaVA-format .json/.jsonl file, a "
-            "directory written with datasets' save_to_disk, a local data file or directory, or a hub dataset id."
-        )
+        return _from_synthetic(num_samples, seed)
     path = Path(source).expanduser()
     root = Path(image_root).expanduser() if image_root is not None else None
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
@@ -90,6 +87,15 @@ def load_calibration(
         dataset, source, root, num_samples, seed, image_column, question_column, answer_column
     )
     return _check_image_files(samples, root)
+
+
+def _from_synthetic(num_samples: int, seed: int) -> list[CalibrationSample]:
+    """The calibration split of the project's synthetic VQA set, generated in memory (offline, seconds)."""
+    from shortlvlm_vllm.synthetic import SyntheticConfig, generate_split
+
+    rows = generate_split("calibration", SyntheticConfig())
+    drawn = _draw(list(range(len(rows))), num_samples, seed, "synthetic")
+    return [CalibrationSample(rows[i]["id"], rows[i]["question"], rows[i]["answer"], rows[i]["image"]) for i in drawn]
 
 
 def _read_json_records(path: Path) -> list[dict]:

@@ -141,23 +141,24 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="prune a model, serve it with vLLM and ask it about an image",
-        description="The main job end to end: prune, serve the pruned checkpoint with vLLM, ask it "
-        "a question about an image through the openai client, print the answer.",
+        help="prune a model, serve full and pruned with vLLM, compare their answers",
+        description="The main job end to end: prune a LLaVA checkpoint with Short-LVLM (TIS + SCP), serve the full "
+        "and the pruned model with vLLM, ask both the same test questions through the openai client, and print "
+        "their answers, accuracy and time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", help="source checkpoint (default: the embedded tiny LLaVA, built offline)")
-    p.add_argument("--drop-layers", type=_layer_list, default=[3, 5], metavar="I,J,...",
-                   help="decoder layers to remove (default: 3,5)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"),
-                   help="where checkpoints and the server log go (default: %(default)s)")
-    p.add_argument("--question", default="What shape is in the picture?")
+    p.add_argument("--model", help="source checkpoint (default: the project's toy LLaVA, shipped with the package)")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of decoder layers to remove")
+    p.add_argument("--calib", default="synthetic", help="calibration source (see `shortlvlm prune --help`)")
+    p.add_argument("--questions", type=int, default=100, help="test questions asked of each model")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where checkpoints and server logs go")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from shortlvlm_vllm.demo import run_demo
 
-    run_demo(args.model, args.drop_layers, args.workdir, args.question)
+    run_demo(args.model, args.workdir, args.ratio, args.calib, args.questions)
     return 0
 
 
@@ -181,6 +182,40 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_toy(sub: argparse._SubParsersAction) -> None:
+    from shortlvlm_vllm.toy import ToyTrainingConfig
+
+    p = sub.add_parser(
+        "train-toy",
+        help="train the toy LLaVA on the synthetic VQA set (about an hour on 2 CPU cores)",
+        description="Train the project's toy LLaVA-1.5-architecture model from scratch on the synthetic VQA set "
+        "and save it in the hub layout. Deterministic for a seed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-o", "--output", type=Path, required=True)
+    defaults = ToyTrainingConfig()
+    for name in ("seed", "epochs", "batch_size", "learning_rate", "train_images", "eval_every"):
+        value = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run_train_toy)
+
+
+def _run_train_toy(args: argparse.Namespace) -> int:
+    from shortlvlm_vllm.checkpoint import check_output_dir
+    from shortlvlm_vllm.toy import ToyTrainingConfig, train_toy_model
+
+    check_output_dir(args.output, args.overwrite)
+    torch_threads = os.environ.get("OMP_NUM_THREADS")
+    config = ToyTrainingConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                               learning_rate=args.learning_rate, train_images=args.train_images,
+                               eval_every=args.eval_every)
+    print(f"training the toy model ({config}); threads: {torch_threads or 'all cores'}", flush=True)
+    final = train_toy_model(config, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}; held-out accuracy {final['overall']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shortlvlm",
@@ -190,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prune, _add_serve, _add_demo, _add_tiny):
+    for add in (_add_prune, _add_serve, _add_demo, _add_tiny, _add_train_toy):
         add(sub)
     return parser
 

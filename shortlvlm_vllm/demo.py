@@ -1,53 +1,73 @@
-"""The main job end to end: prune a LLaVA checkpoint, serve it with vLLM, ask it about an image."""
+"""The main job end to end: prune a LLaVA checkpoint with Short-LVLM, serve the full and the pruned model
+with vLLM, ask both the same test questions through the openai client, and compare."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
-from shortlvlm_vllm.images import data_url, demo_image, image_message
+from shortlvlm_vllm.checkpoint import open_checkpoint
+from shortlvlm_vllm.evaluate import Question, accuracy, ask_server, normalize_answer, synthetic_questions
+from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, describe_plan, plan_pruning, write_plan
 from shortlvlm_vllm.serve import VLLMServer
+from shortlvlm_vllm.toy import TOY_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
 
-def run_demo(model: str | None, drop_layers: Sequence[int], workdir: Path, question: str) -> str:
-    """Returns the pruned model's answer; prints what happens on the way."""
+@dataclass
+class DemoResult:
+    answers: dict[str, list[str]]  # "full" / "pruned" -> answers
+    accuracy: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+
+
+def _serve_and_ask(model_dir: Path, name: str, questions: list[Question], workdir: Path) -> tuple[list[str], float]:
+    started = time.perf_counter()
+    print(f"[demo] serving the {name} model with vLLM (log: {workdir / f'server-{name}.log'})", flush=True)
+    with VLLMServer(model_dir, log_path=workdir / f"server-{name}.log", served_model_name=name) as server:
+        ready = time.perf_counter()
+        answers = ask_server(server.base_url, name, questions, api_key=server.api_key)
+        asked = time.perf_counter() - ready
+    print(f"[demo] {name}: server ready in {ready - started:.0f} s, {len(questions)} questions in {asked:.1f} s")
+    return answers, asked
+
+
+def run_demo(
+    model: str | None, workdir: Path, ratio: float = 0.3, calib: str = "synthetic", num_questions: int = 100
+) -> DemoResult:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        from shortlvlm_vllm.fixtures import build_tiny_llava
+    source = model or str(TOY_MODEL_DIR)
+    print(f"[demo] model: {source}" + ("" if model else " (the project's toy LLaVA, trained on the synthetic set)"))
+    src = open_checkpoint(source)
+    recipe = PruneRecipe(ratio=ratio, calibration=CalibrationSource(calib))
+    print(f"[demo] pruning {ratio:.0%} of {src.num_layers} decoder layers with Short-LVLM (TIS + SCP), "
+          f"calibrated on {calib}", flush=True)
+    plan = plan_pruning(src, recipe)
+    print(describe_plan(src, recipe, plan))
+    pruned_dir = write_plan(src, workdir / "pruned", recipe, plan, overwrite=True)
+    print(f"[demo] wrote {pruned_dir}")
 
-        model_dir = workdir / "tiny-llava"
-        if not (model_dir / "config.json").is_file():
-            print(f"[demo] building the embedded default model (tiny random-weight LLaVA-1.5) in {model_dir}")
-            build_tiny_llava(model_dir)
-        model = str(model_dir)
-        print("[demo] note: its weights are random, so its answer is noise; the point is the path.")
+    questions = synthetic_questions("test", limit=num_questions)
+    answers, seconds = {}, {}
+    for name, model_dir in (("full", src.path), ("pruned", pruned_dir)):
+        answers[name], seconds[name] = _serve_and_ask(model_dir, name, questions, workdir)
+    scores = {name: accuracy(questions, a) for name, a in answers.items()}
 
-    src = open_checkpoint(model)
-    pruned_dir = workdir / "pruned"
-    print(f"[demo] pruning {model}: removing decoder layers {list(drop_layers)} of {src.num_layers}")
-    write_pruned_checkpoint(src, pruned_dir, drop_layers, {"method": "explicit"}, overwrite=True)
-
-    import openai
-
-    print(f"[demo] starting vLLM on {pruned_dir} (log: {workdir / 'server.log'})")
-    with VLLMServer(pruned_dir, log_path=workdir / "server.log",
-                    served_model_name="pruned") as server:
-        print(f"[demo] vLLM is serving at {server.base_url}")
-        client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key)
-        t0 = time.perf_counter()
-        response = client.chat.completions.create(
-            model="pruned", messages=image_message(data_url(demo_image()), question),
-            max_tokens=32, temperature=0.0,
-        )
-        answer = response.choices[0].message.content
-        print(f"[demo] question: {question}")
-        print(f"[demo] answer from the pruned model: {answer!r} "
-              f"({response.usage.completion_tokens} tokens in {time.perf_counter() - t0:.2f} s)")
-    print(f"[demo] done in {time.perf_counter() - started:.0f} s; checkpoints under {workdir}")
-    return answer
+    print("\n[demo] a few of the questions (synthetic test split):")
+    for i, q in enumerate(questions[:5]):
+        full, pruned = (normalize_answer(answers[name][i]) for name in ("full", "pruned"))
+        print(f"  Q: {q.question.splitlines()[0]}  expected {q.answer!r}; full {full!r}, pruned {pruned!r}")
+    families = [f for f in scores["full"] if f != "overall"] + ["overall"]
+    print(f"\n[demo] accuracy on {len(questions)} test questions, through vLLM and the openai client:")
+    print(f"  {'family':16s} {'full':>6s} {'pruned':>7s}")
+    for f in families:
+        print(f"  {f:16s} {scores['full'][f]:6.1%} {scores['pruned'][f]:7.1%}")
+    kept = src.num_layers - len(plan.pruned)
+    print(f"[demo] pruned model: {kept} of {src.num_layers} layers; answering took {seconds['pruned']:.1f} s "
+          f"against {seconds['full']:.1f} s for the full model")
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; checkpoints and server logs under {workdir}")
+    return DemoResult(answers, scores, seconds)

@@ -52,6 +52,86 @@ def build_byte_tokenizer():
     )
 
 
+def make_llava(
+    tokenizer,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int | None = None,
+    vision_hidden_size: int = 64,
+    vision_layers: int = 2,
+    image_size: int = 64,
+    patch_size: int = 8,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+):
+    """A randomly initialised LLaVA-1.5-architecture model and its processor (head size 32)."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    text_config = LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 32) * 32, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32, num_key_value_heads=max(1, hidden_size // 64), head_dim=32,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, initializer_range=initializer_range,
+        tie_word_embeddings=False, bos_token_id=special["<s>"], eos_token_id=special["</s>"],
+        pad_token_id=special["<pad>"],
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, projection_dim=vision_hidden_size,
+        num_hidden_layers=vision_layers, num_attention_heads=vision_hidden_size // 32, image_size=image_size,
+        patch_size=patch_size, initializer_range=initializer_range,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=special["<image>"],
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_seq_length=(image_size // patch_size) ** 2, tie_word_embeddings=False,
+    )
+    config.architectures = list(LLAVA.architectures)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def save_llava(
+    model,
+    processor,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a LLaVA model in the hub layout (llava-hf key names) that stock vLLM loads."""
+    from transformers import GenerationConfig
+
+    model.config.dtype = str(dtype).removeprefix("torch.")
+    text = model.config.text_config
+    state = {LLAVA.hub_key(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+        ).save_pretrained(tmp)
+        _save_hub_weights(state, tmp, max_shard_bytes)
+    return Path(out_dir)
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     *,
@@ -66,59 +146,11 @@ def build_tiny_llava(
     overwrite: bool = False,
 ) -> Path:
     """Write a random-weight LLaVA-1.5-architecture checkpoint; same arguments, same bytes."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
+    model, processor = make_llava(
+        build_byte_tokenizer(), num_layers=num_layers, hidden_size=hidden_size, image_size=image_size,
+        patch_size=patch_size, initializer_range=initializer_range, seed=seed,
     )
-
-    tokenizer = build_byte_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 32) * 32
-    text_config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
-        num_key_value_heads=max(1, hidden_size // 64), head_dim=32, max_position_embeddings=1024,
-        rms_norm_eps=1e-5, initializer_range=initializer_range, tie_word_embeddings=False,
-        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2,
-        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
-        initializer_range=initializer_range,
-    )
-    num_patches = (image_size // patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=ids["<image>"],
-        projector_hidden_act="gelu", vision_feature_select_strategy="default",
-        vision_feature_layer=-2, image_seq_length=num_patches, tie_word_embeddings=False,
-    )
-    config.architectures = list(LLAVA.architectures)
-    config.dtype = str(dtype).removeprefix("torch.")
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    state = {LLAVA.hub_key(k): v.contiguous() for k, v in model.state_dict().items()}
-    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        GenerationConfig(
-            bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]
-        ).save_pretrained(tmp)
-        _save_hub_weights(state, tmp, max_shard_bytes)
-    return Path(out_dir)
+    return save_llava(model, processor, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 def _save_hub_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:

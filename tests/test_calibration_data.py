@@ -296,9 +296,12 @@ def test_hub_id_failure_is_wrapped(monkeypatch):
         load_calibration("someone/calib-set")
 
 
-def test_synthetic_is_not_available_yet():
-    with pytest.raises(ShortLVLMError, match="synthetic calibration set is not available yet"):
-        load_calibration("synthetic")
+def test_synthetic_calibration_split_is_generated_offline():
+    samples = load_calibration("synthetic", num_samples=6, seed=3)
+    assert len(samples) == 6 and len({s.id for s in samples}) == 6
+    assert all(s.id.startswith("calibration-") and s.question and s.answer for s in samples)
+    assert samples[0].load_image().size == (64, 64)
+    assert [s.id for s in load_calibration("synthetic", num_samples=6, seed=3)] == [s.id for s in samples]
 
 
 def test_num_samples_must_be_positive(llava_json):
