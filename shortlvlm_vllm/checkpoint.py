@@ -52,6 +52,12 @@ class SourceCheckpoint:
         for shard in self.shards:
             yield from shard.tensors.values()
 
+    @property
+    def hidden_size(self) -> int:
+        """The decoder's residual width, read from the weights (hub configs often omit it)."""
+        down_proj = self.adapter.layer_weight_key((t.name for t in self.tensors()), 0, "down_proj")
+        return self.tensor_info(down_proj).shape[0]
+
     def tensor_info(self, name: str) -> TensorInfo:
         for shard in self.shards:
             if name in shard.tensors:

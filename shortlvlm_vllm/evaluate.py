@@ -96,7 +96,7 @@ def ask_transformers(model_dir: str | Path, questions: Sequence[Question]) -> li
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto").eval()  # as vLLM's default
     answers = []
     started = time.perf_counter()
     for q in tqdm(questions, desc="transformers", unit="q", disable=None):

@@ -101,11 +101,7 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
     """The unpruned model and processor for calibration, with SDPA attention."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kwargs: dict = {"attn_implementation": "sdpa"}
-    if dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    else:
-        kwargs["dtype"] = "auto"
+    kwargs: dict = {"attn_implementation": "sdpa", "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     if device == "auto":
         if torch.cuda.device_count() > 1:
             kwargs["device_map"] = "auto"
@@ -124,8 +120,7 @@ def plan_pruning(
     from shortlvlm_vllm.calibrate import run_calibration
     from shortlvlm_vllm.calibration_data import load_calibration
 
-    hidden_size = src.adapter.text_configs(dict(src.config))[0].get("hidden_size", 0) or 0
-    candidates = check_recipe(recipe, src.num_layers, hidden_size or recipe.rank)
+    candidates = check_recipe(recipe, src.num_layers, src.hidden_size)
     if recipe.calibration is None:
         return PrunePlan(sorted(recipe.drop_layers), candidates)
     cal = recipe.calibration
