@@ -55,13 +55,13 @@ def main() -> None:
                                      "A red circle at the top left and a blue square at the bottom right.",
                                      demo_image(336 + i)) for i in range(args.samples)]
         candidates = parse_candidates(None, src.num_layers)
-        inputs = [calibration_inputs(processor, s) for s in samples]
         device = next(model.parameters()).device
 
         @torch.no_grad()
         def plain() -> None:
-            for x in inputs:
-                model(**x.to(device), use_cache=False)
+            """The same samples through the same processor, without hooks: what calibration adds is the rest."""
+            for sample in samples:
+                model(**calibration_inputs(processor, sample).to(device), use_cache=False)
 
         def calibrate() -> None:
             run_calibration(model, processor, src.adapter, samples, candidates)
@@ -81,7 +81,7 @@ def main() -> None:
             "model": str(model_dir) if args.model else shape,
             "dtype": str(next(model.parameters()).dtype),
             "samples": args.samples,
-            "sequence_length": int(inputs[0]["input_ids"].shape[1]),
+            "sequence_length": int(calibration_inputs(processor, samples[0])["input_ids"].shape[1]),
             "plain_forward_s": round(best["plain"], 3),
             "calibration_s": round(best["calibration"], 3),
             "ratio": round(best["calibration"] / best["plain"], 3),

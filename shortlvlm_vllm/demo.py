@@ -35,14 +35,27 @@ def _serve_and_ask(model_dir: Path, name: str, questions: list[Question], workdi
     return answers, asked
 
 
+def _default_model(workdir: Path) -> str:
+    """The shipped toy LLaVA; without it, a tiny random-weight LLaVA (its answers are noise)."""
+    if (TOY_MODEL_DIR / "config.json").is_file():
+        print(f"[demo] model: the project's toy LLaVA, trained on the synthetic VQA set ({TOY_MODEL_DIR})")
+        return str(TOY_MODEL_DIR)
+    from shortlvlm_vllm.fixtures import build_tiny_llava
+
+    tiny = workdir / "tiny-llava"
+    if not (tiny / "config.json").is_file():
+        build_tiny_llava(tiny)
+    print(f"[demo] model: a tiny random-weight LLaVA ({tiny}); no trained toy model is shipped in this version, "
+          "so the answers are noise and the accuracy is chance")
+    return str(tiny)
+
+
 def run_demo(
     model: str | None, workdir: Path, ratio: float = 0.3, calib: str = "synthetic", num_questions: int = 100
 ) -> DemoResult:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    source = model or str(TOY_MODEL_DIR)
-    print(f"[demo] model: {source}" + ("" if model else " (the project's toy LLaVA, trained on the synthetic set)"))
-    src = open_checkpoint(source)
+    src = open_checkpoint(model or _default_model(workdir))
     recipe = PruneRecipe(ratio=ratio, calibration=CalibrationSource(calib))
     print(f"[demo] pruning {ratio:.0%} of {src.num_layers} decoder layers with Short-LVLM (TIS + SCP), "
           f"calibrated on {calib}", flush=True)

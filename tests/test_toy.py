@@ -34,12 +34,31 @@ def rows():
 def test_every_word_of_the_set_is_one_known_token(tokenizer, rows):
     unk = tokenizer.unk_token_id
     for row in rows:
-        for text in (prompt_text(row["question"]), row["answer"]):
+        for text in (prompt_text(tokenizer, row["question"]), row["answer"]):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert unk not in ids, text
         if row["family"] != "caption":
             assert len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"]) == 1
     assert tokenizer.decode(tokenizer("yes", add_special_tokens=False)["input_ids"]) == "yes"
+
+
+def test_one_bos_from_the_template_on_every_path(tokenizer):
+    """Training ids, transformers' processor and vLLM's chat path (template, no special tokens) agree."""
+    from PIL import Image
+
+    question = "Is there a red circle in the image?"
+    text = prompt_text(tokenizer, question)
+    assert text == f"<s>USER: <image>\n{question} ASSISTANT:"
+    served = tokenizer(text, add_special_tokens=False)["input_ids"]  # what vLLM's chat endpoint tokenizes
+    assert served.count(tokenizer.bos_token_id) == 1 and served[0] == tokenizer.bos_token_id
+    assert tokenizer(text)["input_ids"] == served  # the tokenizer adds nothing of its own
+    _, processor = make_llava(tokenizer, num_layers=1, hidden_size=128, patch_size=16)
+    rendered = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+    )
+    ids = processor(images=Image.new("RGB", (64, 64)), text=rendered, return_tensors="pt")["input_ids"][0].tolist()
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
 
 
 def test_caption_lists_objects_row_by_row():
