@@ -7,7 +7,6 @@ names and files (tokenizer, processor, chat template) as llava-hf/llava-1.5-7b-h
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -176,9 +175,3 @@ def _save_hub_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def copy_checkpoint(src: Path, dst: Path) -> Path:
-    """A plain copy (tests corrupt or edit copies, never the shared fixture)."""
-    shutil.copytree(src, dst)
-    return dst

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -21,7 +22,6 @@ from shortlvlm_vllm.calibrate import (
     token_importance_dense,
 )
 from shortlvlm_vllm.calibration_data import CalibrationSample
-from shortlvlm_vllm.fixtures import copy_checkpoint
 from shortlvlm_vllm.localize import LOCALIZERS
 
 from .conftest import random_image
@@ -106,7 +106,7 @@ def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_llava):
     processor = AutoProcessor.from_pretrained(tiny_llava)
     sample = _samples(1)[0]
     inputs = calibration_inputs(processor, sample)
-    layout = TokenLayout.from_input_ids(inputs["input_ids"], IMG_ID(tiny_llava))
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], _image_token_id(tiny_llava))
     sdpa = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="sdpa").eval()
     recorder = _KeepScores(_Accumulator(8, [4, 5, 6, 7], 1, 128), 0.1)
     recorder.start(0, layout)
@@ -121,20 +121,17 @@ def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_llava):
         torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
 
 
-def IMG_ID(model_dir):  # noqa: N802
-    import json
-
+def _image_token_id(model_dir):
     return json.loads((model_dir / "config.json").read_text())["image_token_index"]
 
 
 @torch.no_grad()
-def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_llava, tmp_path):
-    model_dir = copy_checkpoint(tiny_llava, tmp_path / "identity")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_llava):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="sdpa").eval()
     layer = LLAVA.decoder_layers(model)[5]
     layer.self_attn.o_proj.weight.zero_()
     layer.mlp.down_proj.weight.zero_()  # the layer now returns its input unchanged
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_llava)
     stats = run_calibration(model, processor, LLAVA, _samples(3), candidates=[4, 5, 6, 7])
     assert stats.num_samples == 3 and stats.features.shape == (8, 3, 128)
     for name in ("tis", "all-tokens", "text-only", "visual-only"):

@@ -17,7 +17,7 @@ from shortlvlm_vllm import safetensors_io
 from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_tiny_llava, copy_checkpoint
+from shortlvlm_vllm.fixtures import build_tiny_llava
 from shortlvlm_vllm.safetensors_io import read_header
 
 from .conftest import DROPPED, random_image
@@ -133,7 +133,7 @@ def test_replaced_tensors_are_written_and_checked(tmp_path, tiny_llava):
 def test_hub_id_is_fetched_through_snapshot_download(tmp_path, tiny_llava, monkeypatch):
     import huggingface_hub
 
-    snapshot = copy_checkpoint(tiny_llava, tmp_path / "0123abcd")
+    snapshot = shutil.copytree(tiny_llava, tmp_path / "0123abcd")
     calls = []
 
     def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
@@ -165,7 +165,7 @@ def test_cli_prune_and_overwrite(tmp_path, tiny_llava, capsys):
 
 
 def _not_vlm(tmp_path: Path, tiny_llava: Path) -> Path:
-    model = copy_checkpoint(tiny_llava, tmp_path / "llama")
+    model = shutil.copytree(tiny_llava, tmp_path / "llama")
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (model / "config.json").write_text(json.dumps(config))
@@ -173,14 +173,14 @@ def _not_vlm(tmp_path: Path, tiny_llava: Path) -> Path:
 
 
 def _truncated(tmp_path: Path, tiny_llava: Path) -> Path:
-    model = copy_checkpoint(tiny_llava, tmp_path / "truncated")
+    model = shutil.copytree(tiny_llava, tmp_path / "truncated")
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return model
 
 
 def _corrupt_header(tmp_path: Path, tiny_llava: Path) -> Path:
-    model = copy_checkpoint(tiny_llava, tmp_path / "corrupt")
+    model = shutil.copytree(tiny_llava, tmp_path / "corrupt")
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[8:40] = b"\x00garbage" * 4

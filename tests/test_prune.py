@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from PIL import Image
 
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.fixtures import copy_checkpoint
 
 
 def test_record_plot_and_card(scp_pruned_llava):
@@ -54,7 +54,7 @@ def _no_images(tmp_path, _):
 
 
 def _not_vlm(tmp_path, tiny):
-    model = copy_checkpoint(tiny, tmp_path / "llama")
+    model = shutil.copytree(tiny, tmp_path / "llama")
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (model / "config.json").write_text(json.dumps(config))
