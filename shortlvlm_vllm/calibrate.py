@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from shortlvlm_vllm.adapters import ArchitectureAdapter
 from shortlvlm_vllm.calibration_data import CalibrationSample
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.images import template_image_turn
 from shortlvlm_vllm.localize import LayerStatistics
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,6 @@ def _hooks(model, adapter: ArchitectureAdapter, recorder: _SampleRecorder) -> It
             f"calibration needs a registered attention implementation (sdpa), not {implementation!r}."
         )
     wrapped = ALL_ATTENTION_FUNCTIONS[implementation]
-    had_local = implementation in ALL_ATTENTION_FUNCTIONS._local_mapping
     previous_local = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -251,16 +251,16 @@ def _hooks(model, adapter: ArchitectureAdapter, recorder: _SampleRecorder) -> It
     finally:
         for handle in handles:
             handle.remove()
-        if had_local:
-            ALL_ATTENTION_FUNCTIONS[implementation] = previous_local
-        else:
+        if previous_local is None:
             del ALL_ATTENTION_FUNCTIONS[implementation]
+        else:
+            ALL_ATTENTION_FUNCTIONS[implementation] = previous_local
 
 
 def calibration_inputs(processor, sample: CalibrationSample) -> dict[str, torch.Tensor]:
     """Prompt and reference answer in one sequence, through the model's own chat template."""
     messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]},
+        template_image_turn(sample.question),
         {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=False)

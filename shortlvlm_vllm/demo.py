@@ -3,9 +3,7 @@ with vLLM, ask both the same test questions through the openai client, and compa
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from shortlvlm_vllm.checkpoint import open_checkpoint
@@ -13,15 +11,6 @@ from shortlvlm_vllm.evaluate import Question, accuracy, ask_server, normalize_an
 from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, describe_plan, plan_pruning, write_plan
 from shortlvlm_vllm.serve import VLLMServer
 from shortlvlm_vllm.toy import TOY_MODEL_DIR
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class DemoResult:
-    answers: dict[str, list[str]]  # "full" / "pruned" -> answers
-    accuracy: dict[str, dict[str, float]]
-    seconds: dict[str, float]
 
 
 def _serve_and_ask(model_dir: Path, name: str, questions: list[Question], workdir: Path) -> tuple[list[str], float]:
@@ -52,7 +41,7 @@ def _default_model(workdir: Path) -> str:
 
 def run_demo(
     model: str | None, workdir: Path, ratio: float = 0.3, calib: str = "synthetic", num_questions: int = 100
-) -> DemoResult:
+) -> None:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     src = open_checkpoint(model or _default_model(workdir))
@@ -83,4 +72,3 @@ def run_demo(
     print(f"[demo] pruned model: {kept} of {src.num_layers} layers; answering took {seconds['pruned']:.1f} s "
           f"against {seconds['full']:.1f} s for the full model")
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; checkpoints and server logs under {workdir}")
-    return DemoResult(answers, scores, seconds)

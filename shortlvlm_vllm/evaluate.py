@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from shortlvlm_vllm.images import data_url, image_message
+from shortlvlm_vllm.images import data_url, image_message, template_image_turn
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def ask_transformers(model_dir: str | Path, questions: Sequence[Question]) -> li
     started = time.perf_counter()
     for q in tqdm(questions, desc="transformers", unit="q", disable=None):
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}],
+            [template_image_turn(q.question)],
             add_generation_prompt=True,
         )
         inputs = processor(images=q.image, text=text, return_tensors="pt")

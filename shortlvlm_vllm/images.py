@@ -1,4 +1,4 @@
-"""Small helpers for sending images to an OpenAI-compatible server."""
+"""Image chat turns: for an OpenAI-compatible server, and for transformers' chat templates."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ def image_message(image_url: str, question: str) -> list[dict]:
         {"type": "image_url", "image_url": {"url": image_url}},
         {"type": "text", "text": question},
     ]}]
+
+
+def template_image_turn(question: str) -> dict:
+    """The same user turn as chat templates take it in transformers (the image itself goes to the processor)."""
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
 
 
 def demo_image(size: int = 224) -> Image.Image:

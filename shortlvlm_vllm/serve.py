@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -142,8 +143,6 @@ class VLLMServer:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        import signal
-
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=30)

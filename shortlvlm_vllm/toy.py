@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from shortlvlm_vllm.fixtures import LLAVA_CHAT_TEMPLATE, SPECIAL_TOKENS, make_llava, save_llava
+from shortlvlm_vllm.images import template_image_turn
 from shortlvlm_vllm.synthetic import FAMILIES, SyntheticConfig, answer_vocabulary, generate_split, question_vocabulary
 from shortlvlm_vllm.synthetic import words as words_of
 
@@ -103,8 +104,7 @@ def with_captions(rows: Sequence[dict]) -> list[dict]:
 
 def prompt_text(tokenizer, question: str) -> str:
     """The prompt exactly as the chat template renders it for a server: "<s>USER: <image>\n... ASSISTANT:"."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template([template_image_turn(question)], add_generation_prompt=True, tokenize=False)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.images import template_image_turn
 from shortlvlm_vllm.safetensors_io import read_header
 
 from .conftest import DROPPED, random_image
@@ -62,7 +63,7 @@ def test_pruned_checkpoint_contents(tiny_llava, pruned_llava):
 @torch.no_grad()
 def test_pruned_logits_equal_original_with_layers_skipped(tiny_llava, pruned_llava):
     processor = AutoProcessor.from_pretrained(tiny_llava)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    messages = [template_image_turn("What is it?")]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=random_image(0), text=text, return_tensors="pt")
 

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.images import template_image_turn
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -35,7 +36,7 @@ def test_hub_layout_and_transformers_load(tiny_llava):
     assert config["text_config"]["hidden_size"] % 32 == 0
     processor = AutoProcessor.from_pretrained(tiny_llava)
     text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}],
+        [template_image_turn("Hi?")],
         add_generation_prompt=True,
     )
     assert text == "USER: <image>\nHi? ASSISTANT:"

@@ -8,6 +8,7 @@ import pytest
 
 from shortlvlm_vllm.evaluate import accuracy, normalize_answer, synthetic_questions
 from shortlvlm_vllm.fixtures import make_llava
+from shortlvlm_vllm.images import template_image_turn
 from shortlvlm_vllm.synthetic import FAMILIES, SyntheticConfig, generate_split, words
 from shortlvlm_vllm.toy import (
     CAPTION_QUESTION,
@@ -54,7 +55,7 @@ def test_one_bos_from_the_template_on_every_path(tokenizer):
     assert tokenizer(text)["input_ids"] == served  # the tokenizer adds nothing of its own
     _, processor = make_llava(tokenizer, num_layers=1, hidden_size=128, patch_size=16)
     rendered = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        [template_image_turn(question)],
         add_generation_prompt=True,
     )
     ids = processor(images=Image.new("RGB", (64, 64)), text=rendered, return_tensors="pt")["input_ids"][0].tolist()

@@ -11,7 +11,7 @@ import requests
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from shortlvlm_vllm.images import data_url, image_message
+from shortlvlm_vllm.images import data_url, image_message, template_image_turn
 from shortlvlm_vllm.serve import VLLMServer
 
 from .conftest import random_image
@@ -57,7 +57,7 @@ def test_greedy_tokens_agree_with_transformers(client, served_checkpoint):
     for seed, question in enumerate(QUESTIONS):
         image = random_image(seed)
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            [template_image_turn(question)],
             add_generation_prompt=True,
         )
         inputs = processor(images=image, text=text, return_tensors="pt")
