@@ -217,7 +217,7 @@ def write_pruned_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_side_files(src.path, tmp)
+        copy_side_files(src.path, tmp)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data)
         (tmp / "README.md").write_text(render_model_card(config["short_lvlm"], card_extra))
@@ -277,7 +277,7 @@ def _shard_names(src: SourceCheckpoint, count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path) -> None:
+def copy_side_files(src_dir: Path, dst_dir: Path) -> None:
     """Tokenizer, processor, chat template, generation config: everything but weights."""
     for path in sorted(src_dir.iterdir()):
         if (

@@ -104,6 +104,60 @@ def _run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from shortlvlm_vllm.quantize import GROUP_SIZES, METHODS, QUANT_PYTHON_ENV, SCHEMES
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a (pruned) checkpoint's language model to 4-bit weights (W4A16) that vLLM serves",
+        description="Quantize the decoder layers' weights with llm-compressor (GPTQ, AWQ or round-to-nearest) "
+        "and write a compressed-tensors checkpoint in the source's layout; the vision tower, the projector and "
+        "lm_head stay unquantized. GPTQ and AWQ calibrate on image + question + answer samples passed through "
+        "the model's processor and chat template. Runs in the quantization environment .venv-quant made by "
+        f"setup.sh (or the python named by ${QUANT_PYTHON_ENV}).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="source checkpoint (LLaVA, pruned or not): a local directory or a Hugging Face Hub id")
+    p.add_argument("-o", "--output", type=Path, required=True, help="directory to write")
+    p.add_argument("--method", default="gptq", choices=METHODS,
+                   help="gptq and awq calibrate on data; rtn (round-to-nearest) needs none")
+    p.add_argument("--scheme", default="W4A16", choices=SCHEMES, help="4-bit integer weights, 16-bit activations")
+    p.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
+                   help="input channels sharing one scale")
+    cal = p.add_argument_group("calibration data (gptq, awq)")
+    cal.add_argument("--calib", help="a LLaVA conversation file (.json/.jsonl), a datasets directory or hub id, or "
+                     "synthetic (the project's generated VQA set; the default for gptq and awq)")
+    cal.add_argument("--image-root", help="directory the LLaVA file's image paths are relative to "
+                     "(default: the file's directory)")
+    cal.add_argument("--num-samples", type=int, default=128, help="calibration samples drawn with --seed")
+    cal.add_argument("--split", default="train", help="datasets split")
+    cal.add_argument("--image-column", default="image")
+    cal.add_argument("--question-column", default="question")
+    cal.add_argument("--answer-column", default="answer")
+    cal.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data")
+    run = p.add_argument_group("run")
+    run.add_argument("--revision", help="hub revision (branch, tag or commit) of the source")
+    run.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from shortlvlm_vllm.prune import CalibrationSource
+    from shortlvlm_vllm.quantize import QuantizeRecipe, quantize_checkpoint
+
+    calibration = None
+    if args.method != "rtn" or args.calib:  # rtn is data-free; quantize_checkpoint says so if --calib is given
+        calibration = CalibrationSource(
+            args.calib or "synthetic", args.num_samples, 0, args.seed, args.image_root, args.split,
+            args.image_column, args.question_column, args.answer_column,
+        )
+    recipe = QuantizeRecipe(args.method, args.scheme, args.group_size, calibration)
+    dst = quantize_checkpoint(args.model, args.output, recipe, revision=args.revision, overwrite=args.overwrite)
+    print(f"wrote {dst}: {args.scheme} ({args.method}, group size {args.group_size}), compressed-tensors format")
+    print(f"serve it with: shortlvlm serve {dst}")
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -194,11 +248,14 @@ def _add_train_toy(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", type=Path, required=True)
     defaults = ToyTrainingConfig()
-    for name in ("seed", "epochs", "batch_size", "learning_rate", "train_images", "eval_every"):
+    names = ("seed", "epochs", "batch_size", "learning_rate", "train_images", "eval_every", "stop_accuracy",
+             "stop_family_accuracy", "max_steps")
+    for name in names:
         value = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                       help="see shortlvlm_vllm.toy.ToyTrainingConfig")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_run_train_toy)
+    p.set_defaults(func=_run_train_toy, config_names=names)
 
 
 def _run_train_toy(args: argparse.Namespace) -> int:
@@ -207,12 +264,136 @@ def _run_train_toy(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, args.overwrite)
     torch_threads = os.environ.get("OMP_NUM_THREADS")
-    config = ToyTrainingConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
-                               learning_rate=args.learning_rate, train_images=args.train_images,
-                               eval_every=args.eval_every)
+    config = ToyTrainingConfig(**{name: getattr(args, name) for name in args.config_names})
     print(f"training the toy model ({config}); threads: {torch_threads or 'all cores'}", flush=True)
     final = train_toy_model(config, args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output}; held-out accuracy {final['overall']:.3f}")
+    print(f"wrote {args.output}; test-split accuracy {final['overall']:.3f}")
+    return 0
+
+
+BENCHMARK_NAMES = "pope, mme, mmbench, scienceqa, seedbench, aokvqa or synthetic"
+
+
+def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="the served model name (vLLM's --served-model-name, else its path)")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", "EMPTY"),
+                   help="key the server requires (default: $VLLM_API_KEY, else none)")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a served model on a benchmark through its OpenAI-compatible API",
+        description="Ask a served model every item of a benchmark (image + question, greedy, streamed, "
+        "--concurrency requests in flight) and score the replies with the benchmark's official metric. Each "
+        "answered request is appended to OUT_DIR/records.jsonl at once; the scores go to OUT_DIR/scores.json. "
+        "Connection errors, timeouts and 5xx replies are retried with exponential backoff; a request the server "
+        "refuses (4xx) is recorded as failed and counted wrong. If the server stays unreachable the run stops, "
+        "and rerunning the same command resumes where it stopped.",
+    )
+    p.add_argument("benchmark", help=BENCHMARK_NAMES)
+    _add_endpoint_arguments(p)
+    p.add_argument("--data", help="a local copy of the benchmark in its hub schema (default: the hub dataset)")
+    p.add_argument("--limit", type=int, help="ask a subset of this many items, drawn with --seed (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds without a reply byte before a request counts as timed out and is retried "
+                   "(default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries of a request after a transient failure (default: %(default)s)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR",
+                   help="directory for records.jsonl and scores.json; rerun with the same one to resume")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from shortlvlm_vllm.benchmarks import get_benchmark
+    from shortlvlm_vllm.client import ClientConfig, Endpoint, run_benchmark
+
+    config = ClientConfig(concurrency=args.concurrency, timeout_s=args.timeout, max_retries=args.max_retries)
+    scores = run_benchmark(Endpoint(args.base_url, args.model, args.api_key), get_benchmark(args.benchmark),
+                           args.output, source=args.data, limit=args.limit, seed=args.seed, config=config)
+    width = max(len(name) for name in scores)
+    print(f"{args.benchmark} on {args.model}:")
+    for name, value in scores.items():
+        print(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")
+    print(f"records and scores in {args.output}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure a served model's throughput and latency (like `vllm bench serve`)",
+        description="Replay a fixed set of image requests against a served model, streamed, all at once, with "
+        "--concurrency in flight, or arriving at --request-rate (seeded Poisson), and report requests/s, tokens/s, "
+        "TTFT, TPOT and ITL with vLLM's definitions. Every request generates exactly --output-len tokens "
+        "(ignore_eos), so two models compare on the same work. One warm-up request goes first, not counted.",
+    )
+    _add_endpoint_arguments(p)
+    p.add_argument("--benchmark", help=f"take the requests from this benchmark's items ({BENCHMARK_NAMES}); "
+                   "default: synthetic pictures with a describe-it prompt")
+    p.add_argument("--data", help="a local copy of --benchmark in its hub schema (default: the hub dataset)")
+    p.add_argument("--num-prompts", type=int, default=100,
+                   help="requests in the set; with --benchmark, a subset drawn with --seed (default: %(default)s)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="requests in flight (default: all at once)")
+    load.add_argument("--request-rate", type=float, help="requests per second, Poisson arrivals (default: all at once)")
+    p.add_argument("--output-len", type=int, default=128, help="tokens generated per request (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the request set and of the arrivals (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds without a reply byte before a request fails (default: %(default)s)")
+    p.add_argument("-o", "--output", type=Path, help="write the summary to this JSON file")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from shortlvlm_vllm.client import Endpoint
+    from shortlvlm_vllm.throughput import describe, requests_from_items, run_throughput, synthetic_requests
+
+    if args.data and not args.benchmark:
+        raise ShortLVLMError("--data names a copy of a benchmark; say which one with --benchmark.")
+    if args.benchmark:
+        from shortlvlm_vllm.benchmarks import get_benchmark
+
+        requests = requests_from_items(get_benchmark(args.benchmark).load(args.data, args.num_prompts, args.seed))
+    else:
+        requests = synthetic_requests(args.num_prompts, args.seed)
+    result = run_throughput(Endpoint(args.base_url, args.model, args.api_key), requests, output_len=args.output_len,
+                            concurrency=args.concurrency, request_rate=args.request_rate, seed=args.seed,
+                            timeout_s=args.timeout)
+    print(describe(result))
+    if args.output:
+        print(f"wrote {result.write_json(args.output)}")
+    return 0
+
+
+def _add_matrix(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "matrix",
+        help="build, serve and measure every arm of an evaluation matrix (pruning x quantization)",
+        description="Read a YAML config (see eval/configs/): every combination of its `grid` axes (ratio, localize, "
+        "compensate, quantize) is an arm. Each arm's checkpoint is built once and cached by its recipe under "
+        "OUT/checkpoints; each arm is served by its own vLLM server and measured with the same accuracy requests "
+        "and the same throughput workload. Writes OUT/results.{md,csv,json} and OUT/accuracy_vs_throughput.png "
+        "(Pareto front marked). A rerun skips measured arms and resumes a half-measured one.",
+    )
+    p.add_argument("config", type=Path, help="the matrix YAML")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (results, checkpoints, logs)")
+    p.set_defaults(func=_run_matrix)
+
+
+def _run_matrix(args: argparse.Namespace) -> int:
+    from shortlvlm_vllm.matrix import Matrix, load_config
+
+    config = load_config(args.config)
+    print(f"{len(config.arms)} arms: {', '.join(arm.name for arm in config.arms)}", flush=True)
+    Matrix(config, args.output).run()
+    print((args.output / "results.md").read_text())
+    print(f"tables and plot in {args.output}")
     return 0
 
 
@@ -225,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prune, _add_serve, _add_demo, _add_tiny, _add_train_toy):
+    for add in (_add_prune, _add_quantize, _add_serve, _add_demo, _add_tiny, _add_train_toy, _add_eval, _add_bench,
+                _add_matrix):
         add(sub)
     return parser
 

@@ -3,25 +3,30 @@ with vLLM, ask both the same test questions through the openai client, and compa
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
+from shortlvlm_vllm.benchmarks import Benchmark, get_benchmark
 from shortlvlm_vllm.checkpoint import open_checkpoint
-from shortlvlm_vllm.evaluate import Question, accuracy, ask_server, normalize_answer, synthetic_questions
+from shortlvlm_vllm.client import RECORDS_NAME, Endpoint, load_records, run_benchmark
 from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, describe_plan, plan_pruning, write_plan
 from shortlvlm_vllm.serve import VLLMServer
 from shortlvlm_vllm.toy import TOY_MODEL_DIR
 
 
-def _serve_and_ask(model_dir: Path, name: str, questions: list[Question], workdir: Path) -> tuple[list[str], float]:
+def _serve_and_ask(model_dir: Path, name: str, benchmark: Benchmark, limit: int,
+                   workdir: Path) -> tuple[dict[str, float], dict[str, dict], float]:
+    """Scores, records by item id, and the seconds the questions took (server start-up excluded)."""
     started = time.perf_counter()
     print(f"[demo] serving the {name} model with vLLM (log: {workdir / f'server-{name}.log'})", flush=True)
     with VLLMServer(model_dir, log_path=workdir / f"server-{name}.log", served_model_name=name) as server:
         ready = time.perf_counter()
-        answers = ask_server(server.base_url, name, questions, api_key=server.api_key)
+        out = workdir / f"eval-{name}"
+        scores = run_benchmark(Endpoint(server.base_url, name, server.api_key), benchmark, out, limit=limit)
         asked = time.perf_counter() - ready
-    print(f"[demo] {name}: server ready in {ready - started:.0f} s, {len(questions)} questions in {asked:.1f} s")
-    return answers, asked
+    print(f"[demo] {name}: server ready in {ready - started:.0f} s, {limit} questions in {asked:.1f} s")
+    return scores, load_records(out / RECORDS_NAME), asked
 
 
 def _default_model(workdir: Path) -> str:
@@ -53,21 +58,21 @@ def run_demo(
     pruned_dir = write_plan(src, workdir / "pruned", recipe, plan, overwrite=True)
     print(f"[demo] wrote {pruned_dir}")
 
-    questions = synthetic_questions("test", limit=num_questions)
-    answers, seconds = {}, {}
+    benchmark = get_benchmark("synthetic")
+    scores, records, seconds = {}, {}, {}
     for name, model_dir in (("full", src.path), ("pruned", pruned_dir)):
-        answers[name], seconds[name] = _serve_and_ask(model_dir, name, questions, workdir)
-    scores = {name: accuracy(questions, a) for name, a in answers.items()}
+        shutil.rmtree(workdir / f"eval-{name}", ignore_errors=True)  # an earlier run's answers: other weights
+        scores[name], records[name], seconds[name] = _serve_and_ask(model_dir, name, benchmark, num_questions, workdir)
 
     print("\n[demo] a few of the questions (synthetic test split):")
-    for i, q in enumerate(questions[:5]):
-        full, pruned = (normalize_answer(answers[name][i]) for name in ("full", "pruned"))
-        print(f"  Q: {q.question.splitlines()[0]}  expected {q.answer!r}; full {full!r}, pruned {pruned!r}")
-    families = [f for f in scores["full"] if f != "overall"] + ["overall"]
-    print(f"\n[demo] accuracy on {len(questions)} test questions, through vLLM and the openai client:")
+    for item in benchmark.load(limit=5):
+        full, pruned = (records[name][item.id]["parsed"] for name in ("full", "pruned"))
+        print(f"  Q: {item.prompt.splitlines()[0]}  expected {item.answer!r}; full {full!r}, pruned {pruned!r}")
+    rows = [(key.removeprefix("accuracy/"), key) for key in scores["full"] if key.startswith("accuracy/")]
+    print(f"\n[demo] accuracy on {num_questions} test questions, through vLLM and the openai client:")
     print(f"  {'family':16s} {'full':>6s} {'pruned':>7s}")
-    for f in families:
-        print(f"  {f:16s} {scores['full'][f]:6.1%} {scores['pruned'][f]:7.1%}")
+    for family, key in [*rows, ("overall", "accuracy")]:
+        print(f"  {family:16s} {scores['full'][key]:6.1%} {scores['pruned'][key]:7.1%}")
     kept = src.num_layers - len(plan.pruned)
     print(f"[demo] pruned model: {kept} of {src.num_layers} layers; answering took {seconds['pruned']:.1f} s "
           f"against {seconds['full']:.1f} s for the full model")

@@ -1,0 +1,77 @@
+"""Serving throughput of a 30%-pruned model against the full model, in one run, on the same requests.
+
+    .venv/bin/python eval/bench_serving_throughput.py            # random LLaVA-shaped, hidden 2048, 16 layers
+
+The model is a random-weight LLaVA-1.5-shaped checkpoint large enough that its decoder dominates the cost
+(as in the real 7B: the vision tower and the byte-sized vocabulary cost next to nothing here). Both servers
+get the same requests at the same concurrency with a fixed output length (ignore_eos), one after the other;
+the throughput ratio is set against the ideal ratio of layer counts (full / kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
+from shortlvlm_vllm.client import Endpoint
+from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.localize import layers_to_prune
+from shortlvlm_vllm.serve import VLLMServer
+from shortlvlm_vllm.throughput import describe, run_throughput, synthetic_requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=Path("eval/results/serving_throughput"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        full = build_tiny_llava(Path(tmp) / "full", num_layers=args.layers, hidden_size=args.hidden,
+                                dtype=torch.bfloat16, initializer_range=0.02)
+        src = open_checkpoint(full)
+        n = layers_to_prune(args.ratio, src.num_layers, src.num_layers)
+        start = (src.num_layers - n) // 2  # which layers does not matter for speed
+        drop = list(range(start, start + n))
+        pruned = write_pruned_checkpoint(src, Path(tmp) / "pruned", drop, {"method": "explicit", "ratio": args.ratio})
+        requests = synthetic_requests(args.num_prompts, image_size=64)
+        results = {}
+        for name, model in (("full", full), ("pruned", pruned)):
+            with VLLMServer(model, log_path=args.output / f"server-{name}.log", served_model_name=name,
+                            max_model_len=512) as server:
+                result = run_throughput(Endpoint(server.base_url, name, server.api_key), requests,
+                                        output_len=args.output_len, concurrency=args.concurrency)
+            print(f"--- {name}\n{describe(result)}", flush=True)
+            results[name] = result.to_dict()
+    kept = src.num_layers - n
+    ideal = src.num_layers / kept
+    measured = {metric: results["pruned"][metric] / results["full"][metric]
+                for metric in ("output_throughput", "request_throughput")}
+    summary = {
+        "model": f"random LLaVA-shaped, hidden {args.hidden}, {args.layers} layers, bfloat16",
+        "pruned_layers": drop, "ideal_ratio": round(ideal, 4),
+        "output_throughput_ratio": round(measured["output_throughput"], 4),
+        "fraction_of_ideal": round(measured["output_throughput"] / ideal, 4),
+        "request_throughput_ratio": round(measured["request_throughput"], 4),
+        "tpot_ratio_full_over_pruned": round(
+            results["full"]["median_tpot_ms"] / results["pruned"]["median_tpot_ms"], 4),
+        "workload": {"num_prompts": args.num_prompts, "concurrency": args.concurrency, "output_len": args.output_len},
+        "results": results,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

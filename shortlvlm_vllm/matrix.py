@@ -1,0 +1,286 @@
+"""The evaluation matrix: arms (layer ratio x localization x compensation x quantization) built, served, measured.
+
+A YAML config names the model, the benchmark, the throughput workload and the axes; every combination of
+the axes is an arm. Each arm's checkpoint is built once and cached under a key of its recipe, so a rerun
+(or another config sharing arms) reuses it; each arm gets its own vLLM server, started and stopped around
+the same accuracy requests and the same throughput workload. Results go out as JSON, CSV, markdown and a
+plot of accuracy against throughput with the Pareto front marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shortlvlm_vllm.errors import ShortLVLMError
+
+log = logging.getLogger(__name__)
+
+AXES = ("ratio", "localize", "compensate", "quantize")
+ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One point of the matrix; ratio 0 is the unpruned model, whatever the localization and compensation."""
+
+    ratio: float
+    localize: str
+    compensate: str
+    quantize: str
+
+    @property
+    def name(self) -> str:
+        if not self.ratio:
+            pruning = "full"
+        else:
+            pruning = f"{self.localize}+{self.compensate}-{round(self.ratio * 100)}%"
+        return pruning if self.quantize == "none" else f"{pruning}+{self.quantize}"
+
+    def pruning_key(self) -> tuple:
+        return (0.0, "", "", "") if not self.ratio else (self.ratio, self.localize, self.compensate)
+
+
+@dataclass
+class MatrixConfig:
+    model: str  # a checkpoint directory, a hub id, or "toy" (the shipped toy model)
+    arms: list[Arm]
+    calibration: dict[str, Any] = field(default_factory=lambda: {"source": "synthetic", "num_samples": 256})
+    rank: int = 64
+    benchmark: dict[str, Any] = field(default_factory=lambda: {"name": "synthetic", "limit": 500})
+    client: dict[str, Any] = field(default_factory=lambda: {"concurrency": 8})
+    throughput: dict[str, Any] = field(default_factory=lambda: {"num_prompts": 64, "concurrency": 16,
+                                                                 "output_len": 16})
+    server: dict[str, Any] = field(default_factory=dict)  # VLLMServer keyword arguments (max_model_len, ...)
+    quantize: dict[str, Any] = field(default_factory=lambda: {"scheme": "W4A16", "num_samples": 64})
+
+
+def load_config(path: str | Path) -> MatrixConfig:
+    """Read a matrix YAML: `grid` holds a list per axis, and every combination becomes an arm."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ShortLVLMError(f"matrix config {path} does not exist; see eval/configs/ for examples.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ShortLVLMError(f"matrix config {path} is not valid YAML: {e}") from e
+    grid = raw.pop("grid", None)
+    if not isinstance(grid, dict) or not grid:
+        raise ShortLVLMError(f"{path}: give the axes under `grid:` (any of {', '.join(AXES)}), each a list.")
+    unknown = set(grid) - set(AXES)
+    if unknown:
+        raise ShortLVLMError(f"{path}: unknown axes {sorted(unknown)}; the axes are {', '.join(AXES)}.")
+    known = {f for f in MatrixConfig.__dataclass_fields__ if f != "arms"}
+    extra = set(raw) - known
+    if extra:
+        raise ShortLVLMError(f"{path}: unknown keys {sorted(extra)}; the keys are grid, {', '.join(sorted(known))}.")
+    if "model" not in raw:
+        raise ShortLVLMError(f"{path}: name the model to prune (`model: toy` for the shipped toy model).")
+    axes = {axis: _as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES}
+    arms = list(dict.fromkeys(_normalise(Arm(**dict(zip(AXES, values, strict=True))))
+                              for values in itertools.product(*axes.values())))
+    for arm in arms:
+        if not 0 <= arm.ratio < 1:
+            raise ShortLVLMError(f"{path}: ratio {arm.ratio} must be in [0, 1).")
+    return MatrixConfig(arms=arms, **raw)
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _normalise(arm: Arm) -> Arm:
+    """The unpruned arm ignores localization and compensation, so it appears once per quantization."""
+    return Arm(0.0, "-", "-", arm.quantize) if not arm.ratio else Arm(float(arm.ratio), *map(str, (
+        arm.localize, arm.compensate, arm.quantize)))
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Matrix:
+    """Builds, serves and measures every arm of a config into `out_dir`."""
+
+    def __init__(self, config: MatrixConfig, out_dir: str | Path) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.cache = self.out / "checkpoints"
+
+    def source(self) -> Path:
+        from shortlvlm_vllm.checkpoint import open_checkpoint
+        from shortlvlm_vllm.toy import TOY_MODEL_DIR
+
+        if self.config.model == "toy":
+            if not (TOY_MODEL_DIR / "config.json").is_file():
+                raise ShortLVLMError(f"the toy model is not at {TOY_MODEL_DIR}; train it with `shortlvlm train-toy`.")
+            return TOY_MODEL_DIR
+        return open_checkpoint(self.config.model).path
+
+    def checkpoint(self, arm: Arm) -> Path:
+        """The arm's checkpoint: pruned (cached by its pruning recipe), then quantized (cached by both)."""
+        pruned = self._pruned(arm)
+        if arm.quantize == "none":
+            return pruned
+        from shortlvlm_vllm.quantize import QuantizeRecipe, quantize_checkpoint
+
+        q = self.config.quantize
+        dst = self.cache / f"{arm.name}-{_key(str(pruned), arm.quantize, q, self.config.calibration)}"
+        if not (dst / "config.json").is_file():
+            log.info("quantizing %s with %s", pruned, arm.quantize)
+            recipe = QuantizeRecipe(arm.quantize, q.get("scheme", "W4A16"), q.get("group_size", 128),
+                                    None if arm.quantize == "rtn" else self._calibration(q.get("num_samples")))
+            quantize_checkpoint(pruned, dst, recipe, overwrite=True)
+        return dst
+
+    def _pruned(self, arm: Arm) -> Path:
+        from shortlvlm_vllm.checkpoint import open_checkpoint
+        from shortlvlm_vllm.prune import PruneRecipe, plan_pruning, write_plan
+
+        src = self.source()
+        if not arm.ratio:
+            return src
+        key = _key(str(src), arm.pruning_key(), self.config.rank, self.config.calibration)
+        dst = self.cache / f"{arm.name.split('+' + arm.quantize)[0]}-{key}"
+        if not (dst / "config.json").is_file():
+            recipe = PruneRecipe(ratio=arm.ratio, localize=arm.localize, compensate=arm.compensate,
+                                 rank=self.config.rank, calibration=self._calibration())
+            checkpoint = open_checkpoint(src)
+            log.info("pruning %s: %s", src, arm.name)
+            write_plan(checkpoint, dst, recipe, plan_pruning(checkpoint, recipe), overwrite=True)
+        return dst
+
+    def _calibration(self, num_samples: int | None = None):
+        from shortlvlm_vllm.prune import CalibrationSource
+
+        settings = dict(self.config.calibration)
+        if num_samples:
+            settings["num_samples"] = num_samples
+        return CalibrationSource(**settings)
+
+    def run(self) -> list[dict]:
+        """Every arm in turn; an arm measured before (its result file exists) is read back, not rerun."""
+        results = []
+        for i, arm in enumerate(self.config.arms, 1):
+            log.info("arm %d/%d: %s", i, len(self.config.arms), arm.name)
+            results.append(self.measure(arm))
+            write_tables(results, self.out)
+        return results
+
+    def measure(self, arm: Arm) -> dict:
+        from shortlvlm_vllm.benchmarks import get_benchmark
+        from shortlvlm_vllm.client import ClientConfig, Endpoint, run_benchmark
+        from shortlvlm_vllm.serve import VLLMServer
+        from shortlvlm_vllm.throughput import requests_from_items, run_throughput
+
+        arm_dir = self.out / "arms" / arm.name.replace("%", "pct").replace("+", "_")
+        result_path = arm_dir / "result.json"
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+        checkpoint = self.checkpoint(arm)
+        started = time.perf_counter()
+        bench = dict(self.config.benchmark)
+        benchmark = get_benchmark(bench.pop("name"))
+        speed = dict(self.config.throughput)
+        workload = benchmark.load(bench.get("data"), speed.pop("num_prompts"), bench.get("seed", 0))
+        with VLLMServer(checkpoint, log_path=arm_dir / "server.log", served_model_name=arm.name,
+                        **self.config.server) as server:
+            endpoint = Endpoint(server.base_url, arm.name, server.api_key)
+            scores = run_benchmark(endpoint, benchmark, arm_dir / "accuracy", source=bench.get("data"),
+                                   limit=bench.get("limit"), seed=bench.get("seed", 0),
+                                   config=ClientConfig(**self.config.client))
+            throughput = run_throughput(endpoint, requests_from_items(workload), **speed)
+        result = {**asdict(arm), "arm": arm.name, "checkpoint": str(checkpoint),
+                  "layers": _num_layers(json.loads((checkpoint / "config.json").read_text())),
+                  "accuracy": scores, "throughput": throughput.to_dict(),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        result_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        return result
+
+
+def _num_layers(config: dict) -> int | None:
+    text = config.get("text_config", config)
+    return text.get("num_hidden_layers")
+
+
+def headline(result: dict) -> tuple[float, float]:
+    """(accuracy, output tokens/s) of an arm: the plot's two axes."""
+    accuracy = result["accuracy"]["accuracy"]
+    return float(accuracy), float(result["throughput"]["output_throughput"])
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both accuracy and throughput."""
+    return [i for i, (a, t) in enumerate(points)
+            if not any(a2 >= a and t2 >= t and (a2, t2) != (a, t) for a2, t2 in points)]
+
+
+def write_tables(results: list[dict], out_dir: Path) -> None:
+    """results.json, results.csv, results.md and accuracy_vs_throughput.png under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = [headline(r) for r in results]
+    front = set(pareto_front(points))
+    rows = []
+    for i, r in enumerate(results):
+        t = r["throughput"]
+        rows.append({
+            "arm": r["arm"], "ratio": r["ratio"], "localize": r["localize"], "compensate": r["compensate"],
+            "quantize": r["quantize"], "layers": r["layers"], "accuracy": round(points[i][0], 4),
+            **{k.removeprefix("accuracy/"): round(v, 4) for k, v in r["accuracy"].items()
+               if k.startswith("accuracy/")},
+            "req_per_s": round(t["request_throughput"], 3), "output_tok_per_s": round(t["output_throughput"], 1),
+            "ttft_p50_ms": round(t["median_ttft_ms"], 1), "tpot_p50_ms": round(t["median_tpot_ms"], 2),
+            "pareto": i in front,
+        })
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    (out_dir / "results.csv").write_text(buffer.getvalue())
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "accuracy_vs_throughput.png").write_bytes(_plot(rows, points, front))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "**yes**" if value else ""
+    return str(value)
+
+
+def _plot(rows: list[dict], points: list[tuple[float, float]], front: set[int]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    markers = {"none": "o", "gptq": "s", "awq": "^", "rtn": "D"}
+    for i, (row, (accuracy, speed)) in enumerate(zip(rows, points, strict=True)):
+        ax.scatter(speed, accuracy, marker=markers.get(row["quantize"], "o"), s=40,
+                   c="tab:red" if i in front else "tab:blue")
+        ax.annotate(row["arm"], (speed, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ordered = sorted((points[i] for i in front), key=lambda p: p[1])
+    ax.plot([p[1] for p in ordered], [p[0] for p in ordered], color="tab:red", lw=1, ls="--", label="Pareto front")
+    ax.set_xlabel("output tokens/s (same requests, one server per arm)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

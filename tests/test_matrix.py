@@ -1,0 +1,70 @@
+"""The evaluation matrix: configs expand into arms, results into tables and a plot, and bad configs are refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.matrix import Arm, load_config, pareto_front, write_tables
+
+CONFIGS = Path(__file__).parent.parent / "eval" / "configs"
+
+
+def test_shipped_configs_expand_to_the_arms_the_issue_asks_for():
+    ablation = load_config(CONFIGS / "ablation.yaml")
+    names = [arm.name for arm in ablation.arms]
+    assert names[0] == "full" and len(names) == 1 + 3 * 4  # unpruned once, then 2 localizers x 2 compensations
+    assert {"all-tokens+none-10%", "tis+none-20%", "all-tokens+scp-30%", "tis+scp-30%"} <= set(names)
+    stacking = load_config(CONFIGS / "stacking.yaml")
+    assert len(stacking.arms) == 5 * 3
+    assert {arm.quantize for arm in stacking.arms} == {"none", "gptq", "awq"}
+    assert sorted({arm.ratio for arm in stacking.arms}) == [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("model: toy\n", "grid"),
+    ("model: toy\ngrid: {ratio: [0.1], depth: [2]}\n", "unknown axes"),
+    ("model: toy\ngrid: {ratio: [1.5]}\n", "ratio 1.5"),
+    ("grid: {ratio: [0.1]}\n", "name the model"),
+    ("model: toy\ngrid: {ratio: [0.1]}\nbenchmrk: {}\n", "unknown keys"),
+    ("model: toy\ngrid: {ratio: [0.1\n", "not valid YAML"),
+])
+def test_bad_configs_are_refused_with_the_problem_named(tmp_path, text, message):
+    path = tmp_path / "matrix.yaml"
+    path.write_text(text)
+    with pytest.raises(ShortLVLMError, match=message):
+        load_config(path)
+    with pytest.raises(ShortLVLMError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(0.9, 10.0), (0.8, 12.0), (0.7, 11.0), (0.9, 9.0), (0.6, 15.0)]
+    assert pareto_front(points) == [0, 1, 4]
+
+
+def _result(arm: Arm, accuracy: float, tokens_per_s: float) -> dict:
+    return {
+        "ratio": arm.ratio, "localize": arm.localize, "compensate": arm.compensate, "quantize": arm.quantize,
+        "arm": arm.name, "layers": 16, "accuracy": {"accuracy": accuracy, "accuracy/existence": accuracy},
+        "throughput": {"request_throughput": 1.0, "output_throughput": tokens_per_s, "median_ttft_ms": 50.0,
+                       "median_tpot_ms": 10.0},
+    }
+
+
+def test_tables_and_plot_hold_every_arm(tmp_path):
+    arms = [Arm(0.0, "-", "-", "none"), Arm(0.3, "tis", "scp", "none"), Arm(0.3, "tis", "none", "gptq")]
+    results = [_result(arms[0], 0.95, 100.0), _result(arms[1], 0.90, 140.0), _result(arms[2], 0.80, 130.0)]
+    write_tables(results, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["arm"] for r in rows] == ["full", "tis+scp-30%", "tis+none-30%+gptq"]
+    assert [r["pareto"] for r in rows] == ["True", "True", "False"]
+    assert rows[1]["existence"] == "0.9" and rows[1]["output_tok_per_s"] == "140.0"
+    markdown = (tmp_path / "results.md").read_text().splitlines()
+    assert len(markdown) == 2 + 3 and "tis+scp-30%" in markdown[3]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "accuracy_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
