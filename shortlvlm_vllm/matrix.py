@@ -38,12 +38,17 @@ class Arm:
     quantize: str
 
     @property
+    def pruning_name(self) -> str:
+        return f"{self.localize}+{self.compensate}-{round(self.ratio * 100)}%" if self.ratio else "full"
+
+    @property
     def name(self) -> str:
-        if not self.ratio:
-            pruning = "full"
-        else:
-            pruning = f"{self.localize}+{self.compensate}-{round(self.ratio * 100)}%"
-        return pruning if self.quantize == "none" else f"{pruning}+{self.quantize}"
+        return self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
+
+    @property
+    def slug(self) -> str:
+        """The name as a directory name."""
+        return _slug(self.name)
 
     def pruning_key(self) -> tuple:
         return (0.0, "", "", "") if not self.ratio else (self.ratio, self.localize, self.compensate)
@@ -105,6 +110,10 @@ def _normalise(arm: Arm) -> Arm:
         arm.localize, arm.compensate, arm.quantize)))
 
 
+def _slug(name: str) -> str:
+    return name.replace("%", "pct").replace("+", "_")
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -135,7 +144,7 @@ class Matrix:
         from shortlvlm_vllm.quantize import QuantizeRecipe, quantize_checkpoint
 
         q = self.config.quantize
-        dst = self.cache / f"{arm.name}-{_key(str(pruned), arm.quantize, q, self.config.calibration)}"
+        dst = self.cache / f"{arm.slug}-{_key(str(pruned), arm.quantize, q, self.config.calibration)}"
         if not (dst / "config.json").is_file():
             log.info("quantizing %s with %s", pruned, arm.quantize)
             recipe = QuantizeRecipe(arm.quantize, q.get("scheme", "W4A16"), q.get("group_size", 128),
@@ -151,7 +160,7 @@ class Matrix:
         if not arm.ratio:
             return src
         key = _key(str(src), arm.pruning_key(), self.config.rank, self.config.calibration)
-        dst = self.cache / f"{arm.name.split('+' + arm.quantize)[0]}-{key}"
+        dst = self.cache / f"{_slug(arm.pruning_name)}-{key}"
         if not (dst / "config.json").is_file():
             recipe = PruneRecipe(ratio=arm.ratio, localize=arm.localize, compensate=arm.compensate,
                                  rank=self.config.rank, calibration=self._calibration())
@@ -183,7 +192,7 @@ class Matrix:
         from shortlvlm_vllm.serve import VLLMServer
         from shortlvlm_vllm.throughput import requests_from_items, run_throughput
 
-        arm_dir = self.out / "arms" / arm.name.replace("%", "pct").replace("+", "_")
+        arm_dir = self.out / "arms" / arm.slug
         result_path = arm_dir / "result.json"
         if result_path.is_file():
             return json.loads(result_path.read_text())
