@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.plots import plot_accuracy_vs_throughput
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,6 @@ class Arm:
     def slug(self) -> str:
         """The name as a directory name."""
         return _slug(self.name)
-
-    def pruning_key(self) -> tuple:
-        return (0.0, "", "", "") if not self.ratio else (self.ratio, self.localize, self.compensate)
 
 
 @dataclass
@@ -159,7 +157,7 @@ class Matrix:
         src = self.source()
         if not arm.ratio:
             return src
-        key = _key(str(src), arm.pruning_key(), self.config.rank, self.config.calibration)
+        key = _key(str(src), arm.ratio, arm.localize, arm.compensate, self.config.rank, self.config.calibration)
         dst = self.cache / f"{_slug(arm.pruning_name)}-{key}"
         if not (dst / "config.json").is_file():
             recipe = PruneRecipe(ratio=arm.ratio, localize=arm.localize, compensate=arm.compensate,
@@ -261,35 +259,11 @@ def write_tables(results: list[dict], out_dir: Path) -> None:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "accuracy_vs_throughput.png").write_bytes(_plot(rows, points, front))
+    (out_dir / "accuracy_vs_throughput.png").write_bytes(
+        plot_accuracy_vs_throughput([r["arm"] for r in rows], [r["quantize"] for r in rows], points, front))
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "**yes**" if value else ""
     return str(value)
-
-
-def _plot(rows: list[dict], points: list[tuple[float, float]], front: set[int]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    markers = {"none": "o", "gptq": "s", "awq": "^", "rtn": "D"}
-    for i, (row, (accuracy, speed)) in enumerate(zip(rows, points, strict=True)):
-        ax.scatter(speed, accuracy, marker=markers.get(row["quantize"], "o"), s=40,
-                   c="tab:red" if i in front else "tab:blue")
-        ax.annotate(row["arm"], (speed, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ordered = sorted((points[i] for i in front), key=lambda p: p[1])
-    ax.plot([p[1] for p in ordered], [p[0] for p in ordered], color="tab:red", lw=1, ls="--", label="Pareto front")
-    ax.set_xlabel("output tokens/s (same requests, one server per arm)")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()

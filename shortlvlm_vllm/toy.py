@@ -118,10 +118,9 @@ class EncodedSplit:
     pixels: torch.Tensor  # [num_images, 3, H, W], exactly what the image processor gives a server
     image_index: torch.Tensor  # [num_questions] -> row of `pixels`
     prompts: list[list[int]]  # the first turn, BOS and image placeholders included
-    follow_ups: list[list[int]]  # the same question as a later turn: "USER: {question} ASSISTANT:"
+    prefix_lengths: list[int]  # tokens of each prompt up to its last image placeholder: "<s>USER: <image>"
     answers: list[list[int]]  # answer token ids (one for questions, several for captions)
     families: list[str]
-    answer_words: list[str]
 
     def conversations(self) -> list[list[int]]:
         """The questions of each image, in split order: one training conversation per image."""
@@ -143,16 +142,16 @@ def encode_split(rows: Sequence[dict], tokenizer, image_processor, image_tokens:
     ])
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    prompts = []
+    prompts, prefix_lengths = [], []
     for r in rows:
         ids = tokenizer(prompt_text(tokenizer, r["question"]), add_special_tokens=False)["input_ids"]
         at = ids.index(image_id)
         prompts.append(ids[:at] + [image_id] * image_tokens + ids[at + 1:])
-    follow_ups = [tokenizer(f"USER: {r['question']} ASSISTANT:", add_special_tokens=False)["input_ids"] for r in rows]
+        prefix_lengths.append(at + image_tokens)
     answers = [tokenizer(r["answer"], add_special_tokens=False)["input_ids"] for r in rows]
     return EncodedSplit(
-        pixels, torch.tensor([position[r["image_id"]] for r in rows]), prompts, follow_ups, answers,
-        [r["family"] for r in rows], [r["answer"] for r in rows],
+        pixels, torch.tensor([position[r["image_id"]] for r in rows]), prompts, prefix_lengths, answers,
+        [r["family"] for r in rows],
     )
 
 
@@ -167,10 +166,9 @@ def _batch(split: EncodedSplit, conversations: Sequence[Sequence[int]], pad_id: 
     """
     rows = []
     for questions in conversations:
-        prompt = split.prompts[questions[0]]
-        prefix = prompt[: len(prompt) - len(split.follow_ups[questions[0]]) + 2]  # up to the last image token
-        ids, labels, positions, turn_of = list(prefix), [-100] * len(prefix), list(range(len(prefix))), \
-            [0] * len(prefix)
+        prefix = split.prompts[questions[0]][: split.prefix_lengths[questions[0]]]
+        ids, positions = list(prefix), list(range(len(prefix)))
+        labels, turn_of = [-100] * len(prefix), [0] * len(prefix)  # turn 0: the prefix every question sees
         for turn, i in enumerate(questions, 1):
             asked = split.prompts[i][len(prefix):]
             answer = split.answers[i] + [eos_id] if with_answers else []

@@ -37,6 +37,11 @@ def option_lines(options: Mapping[str, str]) -> str:
     return "\n".join(f"{letter}. {text}" for letter, text in options.items())
 
 
+def choice_prompt(question: str, options: Mapping[str, str]) -> str:
+    """The question, one "A. text" line per option, and LLaVA-1.5's letter instruction."""
+    return f"{question}\n{option_lines(options)}\n{LETTER_INSTRUCTION}"
+
+
 def choice_item(item_id: str, image: Any, prompt: str, options: dict[str, str], answer: str, **meta: Any) -> Item:
     """An item whose gold is an option letter; a gold outside the options is a data error."""
     if answer not in options:
@@ -93,7 +98,7 @@ class ScienceQA(ChoiceBenchmark):
     def items(self, position: int, row: Mapping[str, Any]) -> list[Item]:
         options = lettered(row["choices"])
         context = f"Context: {row['hint']}\n" if row["hint"] else ""
-        prompt = f"{context}{row['question']}\n{option_lines(options)}\n{LETTER_INSTRUCTION}"
+        prompt = choice_prompt(f"{context}{row['question']}", options)
         answer = LETTERS[row["answer"]] if 0 <= row["answer"] < len(options) else str(row["answer"])
         return [choice_item(f"sqa-{position}", row["image"], prompt, options, answer)]
 
@@ -125,7 +130,7 @@ class SEEDBench(ChoiceBenchmark):
 
     def items(self, position: int, row: Mapping[str, Any]) -> list[Item]:
         options = lettered([row[f"choice_{letter}"] for letter in "abcd"])
-        prompt = f"{row['question']}\n{option_lines(options)}\n{LETTER_INSTRUCTION}"
+        prompt = choice_prompt(row["question"], options)
         images = row["image"] or [None]
         type_id = row["question_type_id"]
         return [choice_item(str(row["question_id"]), images[0], prompt, options, str(row["answer"]).strip(),
@@ -146,7 +151,7 @@ class AOKVQA(ChoiceBenchmark):
 
     def items(self, position: int, row: Mapping[str, Any]) -> list[Item]:
         options = lettered(row["choices"])
-        prompt = f"{row['question']}\n{option_lines(options)}\n{LETTER_INSTRUCTION}"
+        prompt = choice_prompt(row["question"], options)
         index = row["correct_choice_idx"]
         answer = LETTERS[index] if 0 <= index < len(options) else str(index)
         return [choice_item(str(row["question_id"]), row["image"], prompt, options, answer)]
