@@ -172,12 +172,15 @@ def write_pruned_checkpoint(
     replaced: Mapping[str, torch.Tensor] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     card_extra: str = "",
+    architectures: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `src` without `drop_layers` to `dst` (atomically) and return `dst`.
 
     replaced: new values for source tensors (source key names, same dtype and shape).
     record: extra entries for the `short_lvlm` section of config.json.
+    architectures: replaces config.json's top-level `architectures` (`model_type` is kept), for a
+    checkpoint that needs a model class registered by the vLLM plugin.
     extra_files / card_extra: files written beside the weights, and markdown for the model card.
     """
     dst = Path(dst).absolute()
@@ -203,6 +206,8 @@ def write_pruned_checkpoint(
             plan.append((shard, out))
 
     config = _pruned_config(src, drop, record or {})
+    if architectures is not None:
+        config["architectures"] = list(architectures)
     total = sum(t.nbytes for _, ts in plan for t in ts)
     log.info("writing %s: %d of %d decoder layers kept, %.1f MB of weights",
              dst, len(renumber), src.num_layers, total / 1e6)
