@@ -25,7 +25,15 @@ from shortlvlm_vllm import __version__
 from shortlvlm_vllm.adapters import ArchitectureAdapter, adapter_for_config
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.model_card import render_model_card
-from shortlvlm_vllm.safetensors_io import OutputTensor, ShardHeader, TensorInfo, read_header, write_shard
+from shortlvlm_vllm.quantized import pruned_quantization_config, quantization_format
+from shortlvlm_vllm.safetensors_io import (
+    OutputTensor,
+    ShardHeader,
+    TensorInfo,
+    load_tensor,
+    read_header,
+    write_shard,
+)
 from shortlvlm_vllm.source import read_config, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 _OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _REWRITTEN_FILES = {"config.json", INDEX_NAME, "README.md"}
+PACKED_SHAPE_SUFFIX = "_shape"
 
 
 @dataclass
@@ -55,8 +64,13 @@ class SourceCheckpoint:
     @property
     def hidden_size(self) -> int:
         """The decoder's residual width, read from the weights (hub configs often omit it)."""
-        down_proj = self.adapter.layer_weight_key((t.name for t in self.tensors()), 0, "down_proj")
-        return self.tensor_info(down_proj).shape[0]
+        names = {t.name for t in self.tensors()}
+        # compressed-tensors replaces a quantized `weight` by `weight_packed`, ... and keeps its shape in `weight_shape`
+        shapes = {name.removesuffix(PACKED_SHAPE_SUFFIX) for name in names if name.endswith(PACKED_SHAPE_SUFFIX)}
+        down_proj = self.adapter.layer_weight_key(names | shapes, 0, "down_proj")
+        if down_proj in names:
+            return self.tensor_info(down_proj).shape[0]
+        return int(load_tensor(self.tensor_info(down_proj + PACKED_SHAPE_SUFFIX))[0])
 
     def tensor_info(self, name: str) -> TensorInfo:
         for shard in self.shards:
@@ -120,8 +134,6 @@ def validate_drop_layers(drop_layers: Sequence[int], num_layers: int) -> list[in
         if layer in seen:
             raise ShortLVLMError(f"layer {layer} is listed more than once.")
         seen.add(layer)
-    if not seen:
-        raise ShortLVLMError("no layers to drop: name at least one.")
     if len(seen) == num_layers:
         raise ShortLVLMError(f"cannot drop all {num_layers} decoder layers: keep at least one.")
     return sorted(seen)
@@ -170,6 +182,7 @@ def write_pruned_checkpoint(
     record: Mapping | None = None,
     *,
     replaced: Mapping[str, torch.Tensor] | None = None,
+    added: Mapping[str, torch.Tensor] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     card_extra: str = "",
     architectures: Sequence[str] | None = None,
@@ -178,6 +191,8 @@ def write_pruned_checkpoint(
     """Write `src` without `drop_layers` to `dst` (atomically) and return `dst`.
 
     replaced: new values for source tensors (source key names, same dtype and shape).
+    added: tensors the source lacks, named and numbered as the source would name them (renumbered with
+    their layer like the rest).
     record: extra entries for the `short_lvlm` section of config.json.
     architectures: replaces config.json's top-level `architectures` (`model_type` is kept), for a
     checkpoint that needs a model class registered by the vLLM plugin.
@@ -189,21 +204,21 @@ def write_pruned_checkpoint(
     drop = validate_drop_layers(drop_layers, src.num_layers)
     replaced = dict(replaced or {})
     _check_replacements(src, replaced, drop)
-    renumber = {old: new for new, old in enumerate(i for i in range(src.num_layers) if i not in drop)}
+    _check_additions(src, added or {}, drop)
+    renumber = layer_renumbering(src.num_layers, drop)
+
+    def new_name(name: str) -> str | None:
+        if m := src.adapter.match_layer_key(name):
+            prefix, layer, rest = m
+            return f"{prefix}{renumber[layer]}{rest}" if layer in renumber else None
+        return name
 
     plan: list[tuple[ShardHeader, list[OutputTensor]]] = []
     for shard in src.shards:
-        out = []
-        for info in shard.tensors.values():
-            name = info.name
-            if m := src.adapter.match_layer_key(name):
-                prefix, layer, rest = m
-                if layer in renumber:
-                    out.append(_output(f"{prefix}{renumber[layer]}{rest}", info, replaced))
-            else:
-                out.append(_output(name, info, replaced))
+        out = [_output(name, info, replaced) for info in shard.tensors.values() if (name := new_name(info.name))]
         if out:
             plan.append((shard, out))
+    plan[-1][1].extend(OutputTensor(new_name(name), value=value) for name, value in (added or {}).items())
 
     config = _pruned_config(src, drop, record or {})
     if architectures is not None:
@@ -230,6 +245,11 @@ def write_pruned_checkpoint(
     return dst
 
 
+def layer_renumbering(num_layers: int, drop: Sequence[int]) -> dict[int, int]:
+    """Kept layer's old index -> its index in the pruned checkpoint."""
+    return {old: new for new, old in enumerate(i for i in range(num_layers) if i not in set(drop))}
+
+
 def _output(name: str, info: TensorInfo, replaced: Mapping[str, torch.Tensor]) -> OutputTensor:
     if info.name in replaced:
         return OutputTensor(name, value=replaced[info.name])
@@ -252,8 +272,19 @@ def _check_replacements(src: SourceCheckpoint, replaced: Mapping[str, torch.Tens
             raise ShortLVLMError(f"cannot replace {name}: its layer {m[1]} is being dropped.")
 
 
+def _check_additions(src: SourceCheckpoint, added: Mapping[str, torch.Tensor], drop: list[int]) -> None:
+    for name in added:
+        if any(name in shard.tensors for shard in src.shards):
+            raise ShortLVLMError(f"cannot add {name}: the source already has it (replace it instead).")
+        m = src.adapter.match_layer_key(name)
+        if m and m[1] in drop:
+            raise ShortLVLMError(f"cannot add {name}: its layer {m[1]} is being dropped.")
+
+
 def _pruned_config(src: SourceCheckpoint, drop: list[int], record: Mapping) -> dict:
     config = copy.deepcopy(src.config)
+    if quantization_format(src.config, src.name):
+        config["quantization_config"] = pruned_quantization_config(src, layer_renumbering(src.num_layers, drop))
     kept = src.num_layers - len(drop)
     for section in src.adapter.text_configs(config):
         section["num_hidden_layers"] = kept

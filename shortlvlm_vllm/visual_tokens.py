@@ -1,0 +1,136 @@
+"""Visual-token pruning before the language model, the way VisionZip does it (Yang et al., CVPR 2025).
+
+Training-free: of an image's N patch tokens at the vision tower's feature layer, keep a budget of K:
+- dominant tokens: the patches the [CLS] query attends to most at the feature layer (attention summed
+  over heads), in their original order;
+- contextual tokens: the remaining patches, grouped around evenly spaced targets by the cosine
+  similarity of their keys (the feature layer's keys, averaged over heads); each contextual token is
+  its target plus the mean of the patches assigned to it (VisionZip's merge).
+The split follows VisionZip's 54 dominant + 10 contextual of 64: a share of 10/64 contextual, at
+least one as soon as K >= 2 so that the unselected patches are never simply dropped.
+
+The same functions serve the vLLM class (vllm_plugin.llava) and the transformers reference, so the
+two differ only in how the vision tower's attention and keys are obtained. K = N keeps every token
+in its original order: callers skip the selection then, and the model is the stock one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from shortlvlm_vllm.errors import ShortLVLMError
+
+CONTEXTUAL_SHARE = 10 / 64
+SUPPORTED_VISION_MODEL_TYPE = "clip_vision_model"
+SUPPORTED_SELECT_STRATEGY = "default"
+
+
+def split_budget(budget: int) -> tuple[int, int]:
+    """(dominant, contextual) token counts for a budget of K tokens per image."""
+    contextual = max(1, round(budget * CONTEXTUAL_SHARE)) if budget >= 2 else 0
+    return budget - contextual, contextual
+
+
+def image_token_count(config: Mapping) -> int:
+    """N, the patch tokens per image a LLaVA config (config.json as a dict) gives the language model.
+
+    Raises when the config is outside what the selection supports: a CLIP vision tower, one feature
+    layer, and the "default" strategy (patch tokens, [CLS] dropped).
+    """
+    vision = config.get("vision_config") or {}
+    if vision.get("model_type") != SUPPORTED_VISION_MODEL_TYPE:
+        raise ShortLVLMError(
+            f"visual-token pruning needs a CLIP vision tower (its [CLS] attention picks the tokens); this model's "
+            f"vision tower is {vision.get('model_type')!r}. Drop --visual-tokens."
+        )
+    if not isinstance(config.get("vision_feature_layer", -2), int):
+        raise ShortLVLMError("visual-token pruning needs a single vision_feature_layer, not a list.")
+    strategy = config.get("vision_feature_select_strategy", SUPPORTED_SELECT_STRATEGY)
+    if strategy != SUPPORTED_SELECT_STRATEGY:
+        raise ShortLVLMError(
+            f"visual-token pruning needs vision_feature_select_strategy 'default' (patch tokens only), "
+            f"not {strategy!r}."
+        )
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def check_budget(budget: int, num_tokens: int) -> int:
+    """K itself, once it is known to be between 1 and the image's N tokens."""
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ShortLVLMError(f"visual_tokens must be a whole number of tokens, got {budget!r}.")
+    if budget < 1:
+        raise ShortLVLMError(
+            f"visual_tokens {budget} leaves no image token: keep between 1 and {num_tokens} (the image's token count)."
+        )
+    if budget > num_tokens:
+        raise ShortLVLMError(
+            f"visual_tokens {budget} is more than the {num_tokens} tokens an image has: "
+            f"keep between 1 and {num_tokens}."
+        )
+    return budget
+
+
+def configured_budget(config: Mapping) -> int | None:
+    """The checked budget K from config.json's `short_lvlm.visual_tokens`, or None when none is set."""
+    budget = (config.get("short_lvlm") or {}).get("visual_tokens")
+    if budget is None:
+        return None
+    return check_budget(budget, image_token_count(config))
+
+
+def cls_attention(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, N]: the [CLS] query's attention to each patch, summed over heads.
+
+    query, key: [B, 1 + N, heads * head_dim] at the feature layer ([CLS] first), before the softmax.
+    """
+    batch, length, width = query.shape
+    head_dim = width // num_heads
+    q_cls = query[:, :1].reshape(batch, 1, num_heads, head_dim).transpose(1, 2).float()
+    k = key.reshape(batch, length, num_heads, head_dim).transpose(1, 2).float()
+    probs = torch.softmax(q_cls @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)  # [B, H, 1, 1 + N]
+    return probs.sum(dim=1)[:, 0, 1:]
+
+
+def key_metric(key: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, 1 + N, head_dim]: the feature layer's keys averaged over heads (VisionZip's similarity metric)."""
+    batch, length, width = key.shape
+    return key.reshape(batch, length, num_heads, width // num_heads).mean(dim=2)
+
+
+def select_visual_tokens(
+    features: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """[B, K, C]: dominant then contextual tokens of `features` [B, N, C].
+
+    attention: [B, N] from cls_attention; keys: [B, N, d] (patch rows of key_metric).
+    """
+    batch, num_tokens, width = features.shape
+    check_budget(budget, num_tokens)
+    if budget == num_tokens:
+        return features
+    num_dominant, num_contextual = split_budget(budget)
+    order = torch.arange(num_tokens, device=features.device)
+    out = []
+    for b in range(batch):
+        dominant = attention[b].topk(num_dominant).indices.sort().values
+        rest = order[~torch.isin(order, dominant)]
+        tokens = [features[b, dominant]]
+        if num_contextual:
+            tokens.append(_merge_contextual(features[b, rest], keys[b, rest], num_contextual))
+        out.append(torch.cat(tokens))
+    return torch.stack(out)
+
+
+def _merge_contextual(features: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
+    """VisionZip's contextual tokens: evenly spaced targets, each plus the mean of its most similar others."""
+    metric = keys.float() / keys.float().norm(dim=-1, keepdim=True)
+    step = max(1, len(features) // count)
+    targets = torch.arange(0, len(features), step, device=features.device)[:count]
+    is_target = torch.zeros(len(features), dtype=torch.bool, device=features.device)
+    is_target[targets] = True
+    similarity = metric[~is_target] @ metric[targets].T  # [others, targets]
+    assign = torch.nn.functional.one_hot(similarity.argmax(dim=1), len(targets)).to(features.dtype)
+    counts = assign.sum(dim=0).clamp(min=1).unsqueeze(-1)
+    return features[targets] + assign.T @ features[~is_target] / counts
