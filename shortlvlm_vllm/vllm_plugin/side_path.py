@@ -1,0 +1,94 @@
+"""SCP kept unfused: a rank-k side path at a kept layer's down-projection output.
+
+Folding SCP into a 4-bit weight would mean requantizing it, so for a quantized source the
+compensation stays a separate term, out + (out V) V^T, with V (D x k, orthonormal columns) stored
+in bfloat16 as a buffer of each compensated layer. Mathematically it is the folded edit
+W' = (I + V V^T) W applied after the product instead of before.
+
+Which layers carry one and at what rank is declared in config.json (`short_lvlm.side_paths`, new
+layer numbering), so a model class creates the buffers before its weights load. Pure torch: the
+same code attaches to vLLM's decoder layers and to transformers' (for checks against the folded form).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from shortlvlm_vllm.errors import ShortLVLMError
+
+log = logging.getLogger(__name__)
+
+# config.json `short_lvlm` entry: {"layers": [...], "rank": k, "dtype": "bfloat16"}
+CONFIG_KEY = "side_paths"
+# The decoder-layer submodule whose output the side path corrects (the same in transformers and vLLM).
+TARGET_MODULE = "mlp.down_proj"
+ATTRIBUTE = "scp_side_path"
+# Checkpoint name of V inside a decoder layer (after "layers.N."): the buffer's own module path.
+BASIS_KEY = f"{TARGET_MODULE}.{ATTRIBUTE}.basis"
+BASIS_DTYPE = torch.bfloat16
+
+
+class SubspaceSidePath(nn.Module):
+    """out + (out V) V^T, computed in the activations' dtype; V is the `basis` buffer (D x k)."""
+
+    def __init__(self, hidden_size: int, rank: int) -> None:
+        super().__init__()
+        self.register_buffer("basis", torch.zeros(hidden_size, rank))
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        basis = self.basis.to(out.dtype)
+        return out + (out @ basis) @ basis.T
+
+
+def _apply_side_path(module: nn.Module, args, output):
+    """Forward hook of the target module; vLLM's linear layers return (output, bias)."""
+    side_path = getattr(module, ATTRIBUTE)
+    if isinstance(output, tuple):
+        return (side_path(output[0]), *output[1:])
+    return side_path(output)
+
+
+def side_path_spec(short_lvlm: Mapping | None) -> dict | None:
+    """The side-path entry of a config's `short_lvlm` section, or None when the checkpoint has none."""
+    return (short_lvlm or {}).get(CONFIG_KEY)
+
+
+def attach_side_paths(layers: Sequence[nn.Module], spec: Mapping, hidden_size: int) -> dict[int, SubspaceSidePath]:
+    """Give each layer named in `spec` a side path at its down-projection output; returns them by layer.
+
+    `layers` is the decoder's layer list; entries without the target module (vLLM's placeholders for
+    layers another pipeline stage holds) are skipped.
+    """
+    attached = {}
+    for index in spec["layers"]:
+        if not 0 <= index < len(layers):
+            raise ShortLVLMError(
+                f"config.json names a side path for decoder layer {index}, but the model has {len(layers)} layers."
+            )
+        try:
+            target = layers[index].get_submodule(TARGET_MODULE)
+        except AttributeError:
+            continue
+        side_path = SubspaceSidePath(hidden_size, spec["rank"])
+        side_path.to(next(target.parameters()).device)
+        target.add_module(ATTRIBUTE, side_path)
+        target.register_forward_hook(_apply_side_path)
+        attached[index] = side_path
+    log.info("SCP side paths (rank %d) at the down-projection of decoder layers %s", spec["rank"], sorted(attached))
+    return attached
+
+
+def check_side_paths_loaded(model: nn.Module, loaded: Iterable[str]) -> None:
+    """Fail loudly when a side path's basis was not in the weights (it would silently stay zero)."""
+    expected = {f"{name}.basis" for name, module in model.named_modules() if isinstance(module, SubspaceSidePath)}
+    missing = sorted(expected - set(loaded))
+    if missing:
+        raise ShortLVLMError(
+            f"the checkpoint lacks {len(missing)} SCP side-path bases that config.json declares, e.g. {missing[0]}; "
+            f"it is incomplete: prune the source again."
+        )
+
