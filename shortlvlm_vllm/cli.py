@@ -36,7 +36,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="source checkpoint: a local directory or a Hugging Face Hub id")
     p.add_argument("-o", "--output", type=Path, help="directory to write (not needed with --dry-run)")
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, e.g. 0.3")
     what.add_argument("--drop-layers", type=_layer_list, metavar="I,J,...",
                       help="remove these decoder layers (0-based, original numbering), e.g. 3,5")
@@ -63,6 +63,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                      help="which kept-layer weights absorb the compensation")
     alg.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and --localize random")
     alg.add_argument("--force", action="store_true", help="allow --ratio above 0.5")
+    alg.add_argument("--visual-tokens", type=int, metavar="K",
+                     help="keep K visual tokens per image (VisionZip-style, chosen before the language model); "
+                     "the checkpoint then names the plugin's model class. Alone, or with --ratio/--drop-layers")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (several GPUs: device_map)")
     run.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -81,6 +84,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     if args.output is not None and not args.dry_run:
         check_output_dir(args.output, args.overwrite)
     calibration = None
+    removes_layers = args.ratio is not None or args.drop_layers is not None
     if args.calib:
         calibration = CalibrationSource(
             args.calib, args.num_samples, args.heldout, args.seed, args.image_root, args.split,
@@ -88,8 +92,9 @@ def _run_prune(args: argparse.Namespace) -> int:
         )
     recipe = PruneRecipe(
         ratio=args.ratio, drop_layers=args.drop_layers, localize=args.localize, candidates=args.candidates,
-        top_p=args.top_p, compensate=args.compensate or ("scp" if args.calib else "none"), rank=args.rank,
-        scp_target=args.scp_target, seed=args.seed, force=args.force, calibration=calibration,
+        top_p=args.top_p, compensate=args.compensate or ("scp" if args.calib and removes_layers else "none"),
+        rank=args.rank, scp_target=args.scp_target, seed=args.seed, force=args.force, calibration=calibration,
+        visual_tokens=args.visual_tokens,
     )
     src = open_checkpoint(args.model, args.revision)
     plan = plan_pruning(src, recipe, args.device, args.dtype)
@@ -99,7 +104,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         return 0
     dst = write_plan(src, args.output, recipe, plan, overwrite=args.overwrite)
     print(f"wrote {dst}: {src.num_layers - len(plan.pruned)} of {src.num_layers} decoder layers "
-          f"(removed {', '.join(map(str, plan.pruned))}; compensation: {recipe.compensate})")
+          f"(removed {', '.join(map(str, plan.pruned)) or 'none'}; compensation: {recipe.compensate})"
+          + (f"; {recipe.visual_tokens} visual tokens per image" if recipe.visual_tokens is not None else ""))
     print(f"serve it with: shortlvlm serve {dst}")
     return 0
 

@@ -8,11 +8,42 @@ This module imports nothing from vLLM at import time, so the rest of the package
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from shortlvlm_vllm.errors import ShortLVLMError
+
 SHORT_LLAVA_ARCHITECTURE = "ShortLlavaForConditionalGeneration"
 
 REGISTERED_CLASSES: dict[str, str] = {
     SHORT_LLAVA_ARCHITECTURE: "shortlvlm_vllm.vllm_plugin.llava:ShortLlavaForConditionalGeneration",
 }
+
+# model_type -> the registered class that serves a visual-token budget for it
+VISUAL_TOKEN_ARCHITECTURES: dict[str, str] = {"llava": SHORT_LLAVA_ARCHITECTURE}
+
+
+def visual_token_architecture(config: Mapping) -> str:
+    """The registered class that serves a visual-token budget for this config.json, or a clear error."""
+    model_type = config.get("model_type")
+    if model_type not in VISUAL_TOKEN_ARCHITECTURES:
+        raise ShortLVLMError(
+            f"a visual-token budget needs a registered model class, and there is none for model type "
+            f"{model_type!r} (supported: {', '.join(VISUAL_TOKEN_ARCHITECTURES)}). Drop --visual-tokens."
+        )
+    return VISUAL_TOKEN_ARCHITECTURES[model_type]
+
+
+def budget_overrides(config: Mapping, budget: int) -> dict:
+    """vLLM `--hf-overrides` that serve a checkpoint (config.json as a dict) with `budget` visual tokens.
+
+    vLLM replaces a dict-valued key as a whole, so the checkpoint's `short_lvlm` section is carried over
+    with only `visual_tokens` changed; `architectures` names the registered class.
+    """
+    from shortlvlm_vllm.visual_tokens import check_budget, image_token_count
+
+    check_budget(budget, image_token_count(config))
+    return {"architectures": [visual_token_architecture(config)],
+            "short_lvlm": {**(config.get("short_lvlm") or {}), "visual_tokens": budget}}
 
 
 def register() -> None:
