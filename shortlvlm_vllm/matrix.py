@@ -1,10 +1,12 @@
-"""The evaluation matrix: arms (layer ratio x localization x compensation x quantization) built, served, measured.
+"""The evaluation matrix: arms (layer ratio x localization x compensation x quantization x visual tokens) built,
+served, measured.
 
 A YAML config names the model, the benchmark, the throughput workload and the axes; every combination of
 the axes is an arm. Each arm's checkpoint is built once and cached under a key of its recipe, so a rerun
 (or another config sharing arms) reuses it; each arm gets its own vLLM server, started and stopped around
 the same accuracy requests and the same throughput workload. Results go out as JSON, CSV, markdown and a
-plot of accuracy against throughput with the Pareto front marked.
+plot of accuracy against throughput with the Pareto front marked. The visual-token axis (the fraction of each
+image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets the budget through `--hf-overrides`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from shortlvlm_vllm.plots import plot_accuracy_vs_throughput
 
 log = logging.getLogger(__name__)
 
-AXES = ("ratio", "localize", "compensate", "quantize")
-ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none"}
+AXES = ("ratio", "localize", "compensate", "quantize", "tokens")
+ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none", "tokens": 1.0}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Arm:
     localize: str
     compensate: str
     quantize: str
+    tokens: float = 1.0  # fraction of each image's visual tokens kept
 
     @property
     def pruning_name(self) -> str:
@@ -44,7 +47,12 @@ class Arm:
 
     @property
     def name(self) -> str:
-        return self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
+        name = self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
+        return name if self.tokens == 1 else f"{name}+tokens-{round(self.tokens * 100)}%"
+
+    def visual_tokens(self, num_tokens: int) -> int:
+        """K for an image of `num_tokens` tokens."""
+        return max(1, round(self.tokens * num_tokens))
 
     @property
     def slug(self) -> str:
@@ -95,6 +103,8 @@ def load_config(path: str | Path) -> MatrixConfig:
     for arm in arms:
         if not 0 <= arm.ratio < 1:
             raise ShortLVLMError(f"{path}: ratio {arm.ratio} must be in [0, 1).")
+        if not 0 < arm.tokens <= 1:
+            raise ShortLVLMError(f"{path}: tokens {arm.tokens} must be in (0, 1]: the fraction of visual tokens kept.")
     return MatrixConfig(arms=arms, **raw)
 
 
@@ -103,9 +113,10 @@ def _as_list(value: Any) -> list:
 
 
 def _normalise(arm: Arm) -> Arm:
-    """The unpruned arm ignores localization and compensation, so it appears once per quantization."""
-    return Arm(0.0, "-", "-", arm.quantize) if not arm.ratio else Arm(float(arm.ratio), *map(str, (
-        arm.localize, arm.compensate, arm.quantize)))
+    """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget."""
+    tokens = float(arm.tokens)
+    return Arm(0.0, "-", "-", arm.quantize, tokens) if not arm.ratio else Arm(float(arm.ratio), *map(str, (
+        arm.localize, arm.compensate, arm.quantize)), tokens)
 
 
 def _slug(name: str) -> str:
@@ -200,19 +211,35 @@ class Matrix:
         benchmark = get_benchmark(bench.pop("name"))
         speed = dict(self.config.throughput)
         workload = benchmark.load(bench.get("data"), speed.pop("num_prompts"), bench.get("seed", 0))
+        server_kwargs, visual_tokens = self.server_kwargs(arm, checkpoint)
         with VLLMServer(checkpoint, log_path=arm_dir / "server.log", served_model_name=arm.name,
-                        **self.config.server) as server:
+                        **server_kwargs) as server:
             endpoint = Endpoint(server.base_url, arm.name, server.api_key)
             scores = run_benchmark(endpoint, benchmark, arm_dir / "accuracy", source=bench.get("data"),
                                    limit=bench.get("limit"), seed=bench.get("seed", 0),
                                    config=ClientConfig(**self.config.client))
             throughput = run_throughput(endpoint, requests_from_items(workload), **speed)
-        result = {**asdict(arm), "arm": arm.name, "checkpoint": str(checkpoint),
+        result = {**asdict(arm), "arm": arm.name, "checkpoint": str(checkpoint), "visual_tokens": visual_tokens,
                   "layers": _num_layers(json.loads((checkpoint / "config.json").read_text())),
                   "accuracy": scores, "throughput": throughput.to_dict(),
                   "seconds": round(time.perf_counter() - started, 1)}
         result_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
         return result
+
+
+    def server_kwargs(self, arm: Arm, checkpoint: Path) -> tuple[dict, int | None]:
+        """The arm's VLLMServer arguments (with the visual-token budget as --hf-overrides) and its K (None: all)."""
+        from shortlvlm_vllm.visual_tokens import image_token_count
+        from shortlvlm_vllm.vllm_plugin import budget_overrides
+
+        kwargs = dict(self.config.server)
+        if arm.tokens == 1:
+            return kwargs, None
+        config = json.loads((checkpoint / "config.json").read_text())
+        budget = arm.visual_tokens(image_token_count(config))
+        kwargs["extra_args"] = [*kwargs.get("extra_args", []), "--hf-overrides",
+                                json.dumps(budget_overrides(config, budget))]
+        return kwargs, budget
 
 
 def _num_layers(config: dict) -> int | None:
@@ -242,7 +269,8 @@ def write_tables(results: list[dict], out_dir: Path) -> None:
         t = r["throughput"]
         rows.append({
             "arm": r["arm"], "ratio": r["ratio"], "localize": r["localize"], "compensate": r["compensate"],
-            "quantize": r["quantize"], "layers": r["layers"], "accuracy": round(points[i][0], 4),
+            "quantize": r["quantize"], "visual_tokens": r.get("visual_tokens") or "all", "layers": r["layers"],
+            "accuracy": round(points[i][0], 4),
             **{k.removeprefix("accuracy/"): round(v, 4) for k, v in r["accuracy"].items()
                if k.startswith("accuracy/")},
             "req_per_s": round(t["request_throughput"], 3), "output_tok_per_s": round(t["output_throughput"], 1),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.matrix import Arm, load_config, pareto_front, write_tables
+from shortlvlm_vllm.matrix import Arm, Matrix, load_config, pareto_front, write_tables
+from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
 
 CONFIGS = Path(__file__).parent.parent / "eval" / "configs"
 
@@ -25,10 +26,27 @@ def test_shipped_configs_expand_to_the_arms_the_issue_asks_for():
     assert sorted({arm.ratio for arm in stacking.arms}) == [0.0, 0.1, 0.2, 0.3, 0.4]
 
 
+def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tiny_llava, tmp_path):
+    config = load_config(CONFIGS / "stacking_tokens.yaml")
+    assert len(config.arms) == 2 * 2 * 3
+    names = {arm.name for arm in config.arms}
+    assert {"full", "full+tokens-50%", "tis+scp-30%+gptq+tokens-25%"} <= names
+    assert [Arm(0.0, "-", "-", "none", t).visual_tokens(9) for t in (1.0, 0.5, 0.25)] == [9, 4, 2]
+    config.server = {"max_model_len": 512, "extra_args": ["--seed", "1"]}
+    matrix = Matrix(config, tmp_path)
+    assert matrix.server_kwargs(Arm(0.0, "-", "-", "none"), tiny_llava) == (config.server, None)
+    kwargs, budget = matrix.server_kwargs(Arm(0.3, "tis", "scp", "gptq", 0.25), tiny_llava)
+    assert budget == 16 and kwargs["max_model_len"] == 512
+    assert kwargs["extra_args"][:3] == ["--seed", "1", "--hf-overrides"]
+    overrides = json.loads(kwargs["extra_args"][3])
+    assert overrides["architectures"] == [SHORT_LLAVA_ARCHITECTURE] and overrides["short_lvlm"]["visual_tokens"] == 16
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("model: toy\n", "grid"),
     ("model: toy\ngrid: {ratio: [0.1], depth: [2]}\n", "unknown axes"),
     ("model: toy\ngrid: {ratio: [1.5]}\n", "ratio 1.5"),
+    ("model: toy\ngrid: {tokens: [0]}\n", "tokens 0.0 must be in"),
     ("grid: {ratio: [0.1]}\n", "name the model"),
     ("model: toy\ngrid: {ratio: [0.1]}\nbenchmrk: {}\n", "unknown keys"),
     ("model: toy\ngrid: {ratio: [0.1\n", "not valid YAML"),

@@ -1,0 +1,129 @@
+"""Visual-token selection (VisionZip-style) and `shortlvlm prune --visual-tokens`: math, checkpoint, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from shortlvlm_vllm.cli import main
+from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.prune import check_visual_tokens
+from shortlvlm_vllm.visual_tokens import select_visual_tokens, split_budget
+from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_overrides, register
+
+TINY_TOKENS = 64  # the tiny fixture: 64 px images, 8 px patches
+
+
+@pytest.mark.parametrize(("budget", "split"), [(1, (1, 0)), (2, (1, 1)), (4, (3, 1)), (9, (8, 1)), (64, (54, 10)),
+                                                (144, (122, 22))])
+def test_budget_split_follows_visionzip(budget, split):
+    assert split_budget(budget) == split
+
+
+def test_full_budget_keeps_every_token_in_order():
+    features = torch.randn(2, 9, 4)
+    assert torch.equal(select_visual_tokens(features, torch.rand(2, 9), torch.randn(2, 9, 3), 9), features)
+
+
+def test_dominant_tokens_by_cls_attention_then_one_merged_contextual_token():
+    features = torch.arange(12.0).view(1, 6, 2)
+    attention = torch.tensor([[0.1, 0.9, 0.0, 0.5, 0.2, 0.3]])
+    selected = select_visual_tokens(features, attention, torch.randn(1, 6, 3), 3)  # 2 dominant + 1 contextual
+    rest = features[0, [2, 4, 5]].mean(dim=0)
+    expected = torch.stack([features[0, 1], features[0, 3], features[0, 0] + rest])
+    assert torch.allclose(selected[0], expected)
+
+
+def test_contextual_tokens_merge_by_key_similarity():
+    features = torch.randn(1, 14, 4)
+    attention = torch.zeros(1, 14)
+    attention[0, :11] = 1 + torch.arange(11.0)  # tokens 0..10 dominant; 11, 12, 13 left for 2 contextual tokens
+    keys = torch.zeros(1, 14, 2)
+    keys[0, :, 0] = 1
+    keys[0, 12:, :] = torch.tensor([0.0, 1.0])  # token 13 is like target 12, not like target 11
+    selected = select_visual_tokens(features, attention, keys, 13)
+    assert torch.allclose(selected[0, :11], features[0, :11])
+    assert torch.allclose(selected[0, 11], features[0, 11])
+    assert torch.allclose(selected[0, 12], features[0, 12] + features[0, 13])
+
+
+def test_prune_visual_tokens_alone_keeps_the_weights_and_names_the_class(tiny_llava, tmp_path, capsys):
+    out = tmp_path / "k16"
+    assert main(["prune", str(tiny_llava), "--visual-tokens", "16", "-o", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [SHORT_LLAVA_ARCHITECTURE] and config["model_type"] == "llava"
+    assert config["short_lvlm"]["visual_tokens"] == 16 and config["short_lvlm"]["pruned_layers"] == []
+    source_weights = sorted(p.name for p in tiny_llava.glob("*.safetensors"))
+    for name in source_weights:
+        assert (out / name).read_bytes() == (tiny_llava / name).read_bytes()
+    assert AutoConfig.from_pretrained(out).model_type == "llava"
+    assert "16 of the 64 tokens" in (out / "README.md").read_text()
+
+
+def test_prune_layers_and_visual_tokens_together(tiny_llava, tmp_path):
+    out = tmp_path / "both"
+    assert main(["prune", str(tiny_llava), "--drop-layers", "3,5", "--visual-tokens", "32", "-o", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 6 and config["short_lvlm"]["visual_tokens"] == 32
+    assert config["architectures"] == [SHORT_LLAVA_ARCHITECTURE]
+
+
+def _siglip_tower(tmp_path, tiny):
+    import shutil
+
+    model = shutil.copytree(tiny, tmp_path / "siglip")
+    config = json.loads((model / "config.json").read_text())
+    config["vision_config"]["model_type"] = "siglip_vision_model"
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--visual-tokens", "0"], "visual_tokens 0 leaves no image token: keep between 1 and 64"),
+        (["--visual-tokens", "65"], "visual_tokens 65 is more than the 64 tokens an image has"),
+        (["--visual-tokens", "8", "--compensate", "scp"], "none are removed: pass --compensate none"),
+        (["--drop-layers", ""], "--drop-layers names no layers"),
+        ([], "give --ratio .*, --drop-layers .* or --visual-tokens K"),
+        (_siglip_tower, "needs a CLIP vision tower"),
+    ],
+    ids=["zero", "above-count", "scp-without-layers", "empty-drop", "nothing", "not-clip"],
+)
+def test_bad_visual_token_input_is_a_clear_error(tiny_llava, tmp_path, capsys, extra, message):
+    model = tiny_llava
+    if callable(extra):
+        model, extra = extra(tmp_path, tiny_llava), ["--visual-tokens", "8"]
+    assert main(["prune", str(model), "-o", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_on_a_model_type_without_a_registered_class_is_refused(tiny_llava):
+    config = json.loads((tiny_llava / "config.json").read_text()) | {"model_type": "qwen2_vl"}
+    for check in (lambda: check_visual_tokens(config, 8), lambda: budget_overrides(config, 8)):
+        with pytest.raises(ShortLVLMError, match="registered model class, and there is none for model type 'qwen2_vl'"):
+            check()
+
+
+def test_serving_overrides_keep_the_rest_of_the_section(tiny_llava):
+    config = json.loads((tiny_llava / "config.json").read_text()) | {"short_lvlm": {"pruned_layers": [3]}}
+    assert budget_overrides(config, 16) == {"architectures": [SHORT_LLAVA_ARCHITECTURE],
+                                            "short_lvlm": {"pruned_layers": [3], "visual_tokens": 16}}
+
+
+def test_register_is_idempotent_and_lazy():
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _LazyRegisteredModel
+
+    register()
+    registered = ModelRegistry.models[SHORT_LLAVA_ARCHITECTURE]
+    register()
+    assert ModelRegistry.models[SHORT_LLAVA_ARCHITECTURE] is registered
+    assert isinstance(registered, _LazyRegisteredModel)  # imported only when a checkpoint names it
+    assert registered.module_name == "shortlvlm_vllm.vllm_plugin.llava"
