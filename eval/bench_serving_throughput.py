@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 import torch
 
 from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
-from shortlvlm_vllm.client import Endpoint
 from shortlvlm_vllm.fixtures import build_tiny_llava
 from shortlvlm_vllm.localize import layers_to_prune
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.throughput import describe, run_throughput, synthetic_requests
+from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests
 
 
 def main() -> None:
@@ -35,6 +34,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--output", type=Path, default=Path("eval/results/serving_throughput"))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     with tempfile.TemporaryDirectory() as tmp:
         full = build_tiny_llava(Path(tmp) / "full", num_layers=args.layers, hidden_size=args.hidden,
@@ -45,14 +45,9 @@ def main() -> None:
         drop = list(range(start, start + n))
         pruned = write_pruned_checkpoint(src, Path(tmp) / "pruned", drop, {"method": "explicit", "ratio": args.ratio})
         requests = synthetic_requests(args.num_prompts, image_size=64)
-        results = {}
-        for name, model in (("full", full), ("pruned", pruned)):
-            with VLLMServer(model, log_path=args.output / f"server-{name}.log", served_model_name=name,
-                            max_model_len=512) as server:
-                result = run_throughput(Endpoint(server.base_url, name, server.api_key), requests,
-                                        output_len=args.output_len, concurrency=args.concurrency)
-            print(f"--- {name}\n{describe(result)}", flush=True)
-            results[name] = result.to_dict()
+        results = replay_on_servers({"full": full, "pruned": pruned}, requests, args.output,
+                                    server_kwargs={"max_model_len": 512}, output_len=args.output_len,
+                                    concurrency=args.concurrency)
     kept = src.num_layers - n
     ideal = src.num_layers / kept
     measured = {metric: results["pruned"][metric] / results["full"][metric]

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -233,3 +233,24 @@ def describe(result: ThroughputResult) -> str:
         rows.append((f"{name} mean / p50 / p99 (ms)", " / ".join(ms(v) for v in values)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def replay_on_servers(
+    models: Mapping[str, str | Path],
+    requests: Sequence[BenchRequest],
+    log_dir: Path,
+    *,
+    server_kwargs: Mapping | None = None,
+    **replay_kwargs,
+) -> dict[str, dict]:
+    """Serve each model in turn (one vLLM server at a time) and replay the same requests on it: name -> summary."""
+    from shortlvlm_vllm.serve import VLLMServer
+
+    results = {}
+    for name, model in models.items():
+        with VLLMServer(model, log_path=log_dir / f"server-{name}.log", served_model_name=name,
+                        **(server_kwargs or {})) as server:
+            result = run_throughput(Endpoint(server.base_url, name, server.api_key), requests, **replay_kwargs)
+        log.info("%s:\n%s", name, describe(result))
+        results[name] = result.to_dict()
+    return results
