@@ -54,7 +54,7 @@ def quantization_format(config: Mapping, source: str) -> str | None:
     extras = [key for key in UNSUPPORTED_SECTIONS if quantization.get(key)]
     supported = SUPPORTED_FORMATS.get(method, ())
     if not formats or not formats <= set(supported) or extras:
-        described = method + (f" (format {', '.join(sorted(formats))})" if formats else "")
+        described = method + (f" ({', '.join(sorted(formats))})" if formats else "")
         described += "".join(f" with a {key}" for key in extras)
         raise ShortLVLMError(
             f"{source} is quantized as {described}, which cannot be pruned. Supported: {_supported()} "

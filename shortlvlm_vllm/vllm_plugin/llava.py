@@ -8,6 +8,8 @@ Without a budget, or with K equal to the image's token count, the class is vLLM'
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.clip import CLIPVisionTransformer
@@ -26,6 +28,7 @@ from shortlvlm_vllm.visual_tokens import (
     key_metric,
     select_visual_tokens,
 )
+from shortlvlm_vllm.vllm_plugin.side_path import attach_side_paths, check_side_paths_loaded, side_path_spec
 
 
 class ShortLlavaProcessingInfo(LlavaProcessingInfo):
@@ -48,6 +51,14 @@ class ShortLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.visual_tokens = configured_budget(config)
         self.selects_tokens = self.visual_tokens is not None and self.visual_tokens < image_token_count(config)
         # config-driven extras (e.g. SCP side paths) are attached here
+        side_paths = side_path_spec(config.get("short_lvlm"))
+        if side_paths:
+            attach_side_paths(self.language_model.model.layers, side_paths, self.config.text_config.hidden_size)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        check_side_paths_loaded(self, loaded)
+        return loaded
 
     def _image_pixels_to_features(self, vision_tower, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.selects_tokens:
