@@ -31,7 +31,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         help="remove redundant decoder layers (Short-LVLM) and write a compensated checkpoint",
         description="Find redundant decoder layers with Token Importance Scores on calibration data, "
         "remove them, fold Subspace-Compensated Pruning into the kept layers, and write a checkpoint that "
-        "stock transformers and vLLM load. With --drop-layers the layers are named instead of found.",
+        "stock transformers and vLLM load. With --drop-layers the layers are named instead of found. A W4A16 "
+        "(compressed-tensors) source is calibrated on its dequantized weights and keeps SCP unfused, as bfloat16 side "
+        "paths that the plugin's registered model class applies.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="source checkpoint: a local directory or a Hugging Face Hub id")
