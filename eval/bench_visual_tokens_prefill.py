@@ -49,7 +49,8 @@ def main() -> None:
         pruned = write_plan(src, Path(tmp) / f"tokens-{budget}", recipe, plan_pruning(src, recipe))
         requests = synthetic_requests(args.num_prompts, image_size=args.image_size)
         results = replay_on_servers({f"tokens-{budget}": pruned, f"tokens-{num_tokens}": full}, requests, args.output,
-                                    server_kwargs={"max_model_len": 1024}, output_len=1, concurrency=1)
+                                    server_kwargs={"max_model_len": 1024, "startup_timeout": 1800}, output_len=1,
+                                    concurrency=1)
     fewer, every = results[f"tokens-{budget}"], results[f"tokens-{num_tokens}"]
     summary = {
         "model": f"random LLaVA-shaped, decoder hidden {args.hidden} x {args.layers} layers, vision tower hidden "

@@ -28,9 +28,7 @@ def test_shipped_configs_expand_to_the_arms_the_issue_asks_for():
 
 def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tiny_llava, tmp_path):
     config = load_config(CONFIGS / "stacking_tokens.yaml")
-    assert len(config.arms) == 2 * 2 * 3
-    names = {arm.name for arm in config.arms}
-    assert {"full", "full+tokens-50%", "tis+scp-30%+gptq+tokens-25%"} <= names
+    assert [arm.name for arm in config.arms] == ["full", "full+tokens-25%", "tis+scp-30%", "tis+scp-30%+tokens-25%"]
     assert [Arm(0.0, "-", "-", "none", t).visual_tokens(9) for t in (1.0, 0.5, 0.25)] == [9, 4, 2]
     config.server = {"max_model_len": 512, "extra_args": ["--seed", "1"]}
     matrix = Matrix(config, tmp_path)
