@@ -39,7 +39,7 @@ def budget_llava(tiny_llava, tmp_path_factory):
 
 def _serve(model, tmp_path_factory, *extra_args: str) -> VLLMServer:
     log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
-    return VLLMServer(model, log_path=log_path, dtype="float32", served_model_name=MODEL,
+    return VLLMServer(model, log_path=log_path, dtype="float32", served_model_name=MODEL, startup_timeout=1200,
                       extra_args=["--limit-mm-per-prompt", '{"image": 1}', *extra_args])
 
 
