@@ -88,7 +88,7 @@ def reference_generate(model, processor, image, question: str, budget: int):
     text = processor.apply_chat_template([template_image_turn(question)], add_generation_prompt=True)
     inputs = processor(images=image, text=text, return_tensors="pt")
     tower = model.model.vision_tower
-    layers = tower.vision_model.encoder.layers
+    layers = tower.encoder.layers
     feature_index = model.config.vision_feature_layer % (len(layers) + 1)  # hidden_states[i] = output of layer i-1
     feature_layer = layers[feature_index - 1]
     keys = {}
