@@ -21,7 +21,7 @@ from shortlvlm_vllm.serve import VLLMServer
 
 from .conftest import IMAGE_SIZES, random_image
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3000)]  # four server starts; one can take 10 minutes on a busy CPU
 MODEL = "pruned"
 QUESTIONS = ["What is in the image?", "Describe the colours.", "Is there a square? Answer yes or no."]
 NEW_TOKENS = 8
@@ -43,7 +43,7 @@ def served_checkpoint(request):
 def server(served_checkpoint, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
     with VLLMServer(served_checkpoint, log_path=log_path, dtype="float32", served_model_name=MODEL,
-                    extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
+                    startup_timeout=1500, extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
         yield running
 
 
