@@ -292,6 +292,10 @@ def _pruned_config(src: SourceCheckpoint, drop: list[int], record: Mapping) -> d
             values = section.get(key)
             if isinstance(values, list) and len(values) == src.num_layers:
                 section[key] = [v for i, v in enumerate(values) if i not in drop]
+        for key in src.adapter.layer_boundary_config_keys:
+            boundary = section.get(key)
+            if isinstance(boundary, int):
+                section[key] = boundary - sum(1 for i in drop if i < boundary)
     section = {
         "tool": "shortlvlm-vllm",
         "tool_version": __version__,

@@ -85,11 +85,18 @@ def drift(model, reference: Reference) -> Drift:
 def pruned_view(
     model, adapter: ArchitectureAdapter, pruned: Sequence[int], replaced: Mapping[str, torch.Tensor] | None = None
 ) -> Iterator[None]:
-    """Temporarily run `model` without `pruned` layers and with `replaced` checkpoint tensors."""
+    """Temporarily run `model` without `pruned` layers and with `replaced` checkpoint tensors.
+
+    The per-layer config lists (layer_types) shrink with the layers: the decoder picks each layer's
+    attention mask by its position in the list, as the pruned checkpoint's config will.
+    """
     layers = adapter.decoder_layers(model)
     parent_path, _, attr = adapter.decoder_layers_module.rpartition(".")
     parent = model.get_submodule(parent_path)
     original_list = getattr(parent, attr)
+    config = parent.config
+    per_layer = {key: values for key in adapter.per_layer_config_lists
+                 if isinstance(values := getattr(config, key, None), list) and len(values) == len(layers)}
     saved = []
     for key, value in (replaced or {}).items():
         match = adapter.match_layer_key(key)
@@ -99,10 +106,14 @@ def pruned_view(
         saved.append((param, param.data))
         param.data = value.to(param.device, param.dtype)
     setattr(parent, attr, torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in set(pruned)))
+    for key, values in per_layer.items():
+        setattr(config, key, [v for i, v in enumerate(values) if i not in set(pruned)])
     try:
         yield
     finally:
         setattr(parent, attr, original_list)
+        for key, values in per_layer.items():
+            setattr(config, key, values)
         for param, data in saved:
             param.data = data
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shortlvlm_vllm.fixtures import LLAVA_CHAT_TEMPLATE, SPECIAL_TOKENS, make_llava, save_llava
+from shortlvlm_vllm.fixtures import LLAVA_CHAT_TEMPLATE, SPECIAL_TOKENS, make_llava, save_hub_checkpoint
 from shortlvlm_vllm.images import template_image_turn
 from shortlvlm_vllm.synthetic import FAMILIES, SyntheticConfig, answer_vocabulary, generate_split, question_vocabulary
 from shortlvlm_vllm.synthetic import words as words_of
@@ -281,7 +281,7 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
     log.info("test-split accuracy %.3f  (%s)", final["overall"], _families_text(final))
     model.config.short_lvlm_toy = {"training": asdict(config), "history": history,
                                    "test_accuracy": {k: round(v, 4) for k, v in final.items()}}
-    save_llava(model, processor, out_dir, dtype=torch.bfloat16, overwrite=overwrite)
+    save_hub_checkpoint(model, processor, out_dir, dtype=torch.bfloat16, overwrite=overwrite)
     return final
 
 

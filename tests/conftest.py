@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny LLaVA checkpoints built once per test session, offline."""
+"""Shared fixtures: tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints built once per test session, offline."""
 
 from __future__ import annotations
 
@@ -10,15 +10,35 @@ import pytest
 from PIL import Image, ImageDraw
 
 from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
-from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.cli import main
+from shortlvlm_vllm.fixtures import build_tiny_llava, build_tiny_qwen_vl
 from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, plan_pruning, write_plan
 
 DROPPED = [3, 5]
+ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl")
+# Qwen resizes images to multiples of 28 pixels: these two sizes give 9 and 35 image tokens.
+IMAGE_SIZES = ((96, 80), (200, 150))
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl", "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def tiny_vlm(request) -> Path:
+    """The tiny checkpoint of each supported architecture in turn."""
+    return request.getfixturevalue(f"tiny_{request.param}")
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +49,12 @@ def pruned_llava(tiny_llava, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llava_calib(tmp_path_factory) -> Path:
-    """A LLaVA-format conversation file with 40 image questions."""
+    """A LLaVA-format conversation file with 40 image questions, images of two sizes."""
     root = tmp_path_factory.mktemp("calib")
     (root / "images").mkdir()
     records = []
     for i in range(40):
-        random_image(100 + i).save(root / "images" / f"{i}.png")
+        random_image(100 + i, IMAGE_SIZES[i % 2]).save(root / "images" / f"{i}.png")
         records.append({"id": f"sample-{i}", "image": f"images/{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colours are in the picture?"},
             {"from": "gpt", "value": "Several coloured rectangles on a plain background."},
@@ -49,6 +69,29 @@ def scp_pruned_llava(tiny_llava, llava_calib, tmp_path_factory) -> Path:
     src = open_checkpoint(tiny_llava)
     recipe = PruneRecipe(ratio=0.25, rank=16, calibration=CalibrationSource(str(llava_calib), num_samples=24))
     return write_plan(src, tmp_path_factory.mktemp("models") / "tiny-llava-tis-scp", recipe, plan_pruning(src, recipe))
+
+
+def _cli_tis_scp(source: Path, calib: Path, out: Path) -> Path:
+    """`shortlvlm prune` by TIS with SCP folded in, 25% of the layers, as a user runs it."""
+    assert main(["prune", str(source), "--ratio", "0.25", "--calib", str(calib), "--num-samples", "24",
+                 "--heldout", "4", "--rank", "16", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def scp_pruned_qwen2_vl(tiny_qwen2_vl, llava_calib, tmp_path_factory) -> Path:
+    return _cli_tis_scp(tiny_qwen2_vl, llava_calib, tmp_path_factory.mktemp("models") / "tiny-qwen2-vl-tis-scp")
+
+
+@pytest.fixture(scope="session")
+def scp_pruned_qwen2_5_vl(tiny_qwen2_5_vl, llava_calib, tmp_path_factory) -> Path:
+    return _cli_tis_scp(tiny_qwen2_5_vl, llava_calib, tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl-tis-scp")
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def scp_pruned_vlm(request) -> Path:
+    """Each architecture's tiny checkpoint pruned 25% by TIS with SCP folded in."""
+    return request.getfixturevalue(f"scp_pruned_{request.param}")
 
 
 def random_image(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from shortlvlm_vllm.adapters.llava import LLAVA
+from shortlvlm_vllm.adapters import adapter_for_config
 from shortlvlm_vllm.calibrate import (
     TokenLayout,
     _Accumulator,
@@ -24,7 +23,7 @@ from shortlvlm_vllm.calibrate import (
 from shortlvlm_vllm.calibration_data import CalibrationSample
 from shortlvlm_vllm.localize import LOCALIZERS
 
-from .conftest import random_image
+from .conftest import IMAGE_SIZES, random_image
 
 IMG = 9
 
@@ -84,8 +83,32 @@ def test_chunked_tis_equals_dense(chunk):
 
 
 def _samples(n):
-    return [CalibrationSample(str(i), "What is in the image?", "A red square and a blue circle.", random_image(i))
-            for i in range(n)]
+    """Images of two sizes: Qwen gives them different numbers of image tokens."""
+    return [CalibrationSample(str(i), "What is in the image?", "A red square and a blue circle.",
+                              random_image(i, IMAGE_SIZES[i % 2])) for i in range(n)]
+
+
+def _adapter(model):
+    return adapter_for_config(model.config.to_dict())
+
+
+def test_qwen_layout_has_one_visual_token_per_merged_patch(tiny_qwen2_vl):
+    """Dynamic resolution: each image's token run is as long as its merged patch grid, text follows the first."""
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    image_token_id = processor.image_token_id
+    vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    counts = []
+    for sample in _samples(2):
+        inputs = calibration_inputs(processor, sample)
+        layout = TokenLayout.from_input_ids(inputs["input_ids"], image_token_id)
+        ids = inputs["input_ids"][0]
+        expected = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+        assert layout.visual.numel() == expected
+        assert layout.visual.tolist() == list(range(int(layout.visual[0]), int(layout.visual[0]) + expected))
+        assert int(ids[layout.visual[0] - 1]) == vision_start  # the system prompt and vision start are outside
+        assert layout.text.numel() == ids.numel() - int(layout.visual[-1]) - 1
+        counts.append(expected)
+    assert counts == [9, 35]
 
 
 class _KeepScores(_SampleRecorder):
@@ -102,37 +125,37 @@ class _KeepScores(_SampleRecorder):
 
 
 @torch.no_grad()
-def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_llava):
-    processor = AutoProcessor.from_pretrained(tiny_llava)
-    sample = _samples(1)[0]
-    inputs = calibration_inputs(processor, sample)
-    layout = TokenLayout.from_input_ids(inputs["input_ids"], _image_token_id(tiny_llava))
-    sdpa = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="sdpa").eval()
-    recorder = _KeepScores(_Accumulator(8, [4, 5, 6, 7], 1, 128), 0.1)
-    recorder.start(0, layout)
-    with _hooks(sdpa, LLAVA, recorder):
-        hooked_logits = sdpa(**inputs).logits
-    torch.testing.assert_close(hooked_logits, sdpa(**inputs).logits)  # the hooks change nothing
-    eager = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="eager").eval()
-    attentions = eager(**inputs, output_attentions=True).attentions
-    assert sorted(recorder.scores) == [4, 5, 6, 7]
-    for layer, scores in recorder.scores.items():
-        reference = token_importance_dense(attentions[layer][0].mean(0), layout)
-        torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
-
-
-def _image_token_id(model_dir):
-    return json.loads((model_dir / "config.json").read_text())["image_token_index"]
+def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_vlm):
+    """The scores from the post-RoPE queries and keys (M-RoPE for Qwen) equal those of the model's own
+    attention weights, for each image size."""
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    sdpa = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="sdpa").eval()
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="eager").eval()
+    adapter = _adapter(sdpa)
+    for sample in _samples(2):
+        inputs = calibration_inputs(processor, sample)
+        layout = TokenLayout.from_input_ids(inputs["input_ids"], getattr(sdpa.config, adapter.image_token_config_key))
+        recorder = _KeepScores(_Accumulator(8, [4, 5, 6, 7], 1, 128), 0.1)
+        recorder.start(0, layout)
+        with _hooks(sdpa, adapter, recorder):
+            hooked_logits = sdpa(**inputs).logits
+        torch.testing.assert_close(hooked_logits, sdpa(**inputs).logits)  # the hooks change nothing
+        attentions = eager(**inputs, output_attentions=True).attentions
+        assert sorted(recorder.scores) == [4, 5, 6, 7]
+        for layer, scores in recorder.scores.items():
+            reference = token_importance_dense(attentions[layer][0].mean(0), layout)
+            torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()
-def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_llava):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_llava, attn_implementation="sdpa").eval()
-    layer = LLAVA.decoder_layers(model)[5]
+def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_vlm):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="sdpa").eval()
+    adapter = _adapter(model)
+    layer = adapter.decoder_layers(model)[5]
     layer.self_attn.o_proj.weight.zero_()
     layer.mlp.down_proj.weight.zero_()  # the layer now returns its input unchanged
-    processor = AutoProcessor.from_pretrained(tiny_llava)
-    stats = run_calibration(model, processor, LLAVA, _samples(3), candidates=[4, 5, 6, 7])
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    stats = run_calibration(model, processor, adapter, _samples(3), candidates=[4, 5, 6, 7])
     assert stats.num_samples == 3 and stats.features.shape == (8, 3, 128)
     for name in ("tis", "all-tokens", "text-only", "visual-only"):
         assert stats.cosine[name][5] == pytest.approx(1.0, abs=1e-6), name

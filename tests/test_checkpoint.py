@@ -10,18 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shortlvlm_vllm import checkpoint as ckpt
 from shortlvlm_vllm import safetensors_io
+from shortlvlm_vllm.adapters import adapter_for_config
 from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.fixtures import build_tiny_llava, build_tiny_qwen_vl
 from shortlvlm_vllm.images import template_image_turn
+from shortlvlm_vllm.measure import pruned_view
 from shortlvlm_vllm.safetensors_io import read_header
 
-from .conftest import DROPPED, random_image
+from .conftest import DROPPED, IMAGE_SIZES, random_image
 
 LAYER = "language_model.model.layers.{}.{}"
 
@@ -61,24 +63,75 @@ def test_pruned_checkpoint_contents(tiny_llava, pruned_llava):
 
 
 @torch.no_grad()
-def test_pruned_logits_equal_original_with_layers_skipped(tiny_llava, pruned_llava):
-    processor = AutoProcessor.from_pretrained(tiny_llava)
-    messages = [template_image_turn("What is it?")]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=random_image(0), text=text, return_tensors="pt")
+def _assert_pruned_equals_original_with_layers_skipped(original_dir: Path, pruned_dir: Path) -> None:
+    """Logits of the pruned checkpoint == the original's with DROPPED skipped, on two image sizes."""
+    processor = AutoProcessor.from_pretrained(original_dir)
+    text = processor.apply_chat_template([template_image_turn("What is it?")], add_generation_prompt=True)
+    original = AutoModelForImageTextToText.from_pretrained(original_dir, dtype=torch.float32).eval()
+    pruned = AutoModelForImageTextToText.from_pretrained(pruned_dir, dtype=torch.float32).eval()
+    adapter = adapter_for_config(original.config.to_dict())
+    assert len(adapter.decoder_layers(pruned)) == len(adapter.decoder_layers(original)) - len(DROPPED)
+    for seed, size in enumerate(IMAGE_SIZES):
+        inputs = processor(images=random_image(seed, size), text=text, return_tensors="pt")
+        full_logits = original(**inputs, use_cache=False).logits
+        with pruned_view(original, adapter, DROPPED):
+            skipped = original(**inputs, use_cache=False).logits
+        logits = pruned(**inputs, use_cache=False).logits
+        torch.testing.assert_close(logits, skipped, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits, full_logits, atol=1e-3)  # the layers did matter
 
-    original = LlavaForConditionalGeneration.from_pretrained(tiny_llava, dtype=torch.float32).eval()
-    full_logits = original(**inputs).logits
-    layers = original.model.language_model.layers
-    original.model.language_model.layers = torch.nn.ModuleList(
-        layer for i, layer in enumerate(layers) if i not in DROPPED
-    )
-    skipped = original(**inputs, use_cache=False).logits
-    pruned = LlavaForConditionalGeneration.from_pretrained(pruned_llava, dtype=torch.float32).eval()
-    assert len(pruned.model.language_model.layers) == 6
-    logits = pruned(**inputs, use_cache=False).logits
-    torch.testing.assert_close(logits, skipped, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits, full_logits, atol=1e-3)  # the layers did matter
+
+def test_pruned_logits_equal_original_with_layers_skipped(tiny_vlm, tmp_path):
+    pruned = write_pruned_checkpoint(open_checkpoint(tiny_vlm), tmp_path / "pruned", DROPPED)
+    _assert_pruned_equals_original_with_layers_skipped(tiny_vlm, pruned)
+
+
+def _flat_config(model_dir: Path) -> None:
+    """Rewrite config.json flat, text fields at the top level, as the Qwen hub checkpoints store it."""
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.pop("text_config")
+    text.pop("model_type")
+    (model_dir / "config.json").write_text(json.dumps(text | config))
+
+
+@pytest.mark.parametrize("config_form", ["nested", "flat"])
+@pytest.mark.parametrize("hub_layout", [True, False], ids=["hub-keys", "transformers-keys"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_surgery_on_both_key_layouts_and_config_forms(tmp_path, model_type, hub_layout, config_form):
+    """Only decoder layers go (never the numbered vision blocks), in either key layout, and the config's
+    layer count, layer_types and max_window_layers follow, wherever the config keeps them."""
+    source = build_tiny_qwen_vl(tmp_path / "source", model_type, hub_layout=hub_layout)
+    config = json.loads((source / "config.json").read_text())
+    # sliding-window attention from layer 4 on: layers 0-3 full, 4-7 sliding (a 16-token window)
+    config["text_config"] |= {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 4,
+                              "layer_types": ["full_attention"] * 4 + ["sliding_attention"] * 4}
+    (source / "config.json").write_text(json.dumps(config))
+    if config_form == "flat":
+        _flat_config(source)
+    src = open_checkpoint(source)
+    assert src.num_layers == 8 and src.hidden_size == 128
+    out = write_pruned_checkpoint(src, tmp_path / "pruned", DROPPED)
+
+    prefix = "model.layers." if hub_layout else "model.language_model.layers."
+    visual = "visual.blocks." if hub_layout else "model.visual.blocks."
+    src_file, dst_file = source / "model.safetensors", out / "model.safetensors"
+    source_keys, pruned_keys = read_header(src_file).tensors, read_header(dst_file).tensors
+    layers = {k.removeprefix(prefix).split(".")[0] for k in pruned_keys if k.startswith(prefix)}
+    assert layers == set(map(str, range(6)))
+    for name in (k for k in source_keys if not k.startswith(prefix)):  # vision blocks 0 and 1 among them
+        assert _raw(src_file, name) == _raw(dst_file, name)
+    assert {k for k in pruned_keys if k.startswith(visual)} == {k for k in source_keys if k.startswith(visual)}
+    for old, new in {4: 3, 7: 5}.items():
+        weight = "mlp.down_proj.weight"
+        assert _raw(src_file, f"{prefix}{old}.{weight}") == _raw(dst_file, f"{prefix}{new}.{weight}")
+
+    written = json.loads((out / "config.json").read_text())
+    text = written["text_config"] if config_form == "nested" else written
+    assert ("text_config" in written) == (config_form == "nested")  # a flat config is not given a text_config
+    assert text["num_hidden_layers"] == 6 and text["max_window_layers"] == 3
+    assert text["layer_types"] == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    assert written["vision_config"]["depth"] == 2
+    _assert_pruned_equals_original_with_layers_skipped(source, out)
 
 
 def test_sharded_source_and_layer_count_from_weights(tmp_path, tiny_llava, pruned_llava):
@@ -193,7 +246,7 @@ def _corrupt_header(tmp_path: Path, tiny_llava: Path) -> Path:
     ("make_source", "drop", "message"),
     [
         (lambda tmp, tiny: tmp / "no-such-model", "3", "not found"),
-        (_not_vlm, "3", "not a supported vision-language checkpoint.*Supported model types: llava"),
+        (_not_vlm, "3", "not a supported vision-language checkpoint.*Supported model types: llava, qwen2_vl"),
         (lambda tmp, tiny: tiny, "8", "layer 8 is out of range: the model has 8 decoder layers"),
         (lambda tmp, tiny: tiny, "-1", "layer -1 is out of range"),
         (lambda tmp, tiny: tiny, "3,3", "layer 3 is listed more than once"),

@@ -1,13 +1,14 @@
-"""The tiny LLaVA fixture: deterministic, hub layout, loadable by stock transformers."""
+"""The tiny LLaVA, Qwen2-VL and Qwen2.5-VL fixtures: deterministic, hub layout, loadable by stock transformers."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from safetensors import safe_open
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from shortlvlm_vllm.fixtures import build_tiny_llava
+from shortlvlm_vllm.fixtures import build_tiny_llava, build_tiny_qwen_vl
 from shortlvlm_vllm.images import template_image_turn
 
 
@@ -40,3 +41,33 @@ def test_hub_layout_and_transformers_load(tiny_llava):
         add_generation_prompt=True,
     )
     assert text == "USER: <image>\nHi? ASSISTANT:"
+
+
+@pytest.mark.parametrize(("fixture", "architecture"), [
+    ("tiny_qwen2_vl", "Qwen2VLForConditionalGeneration"), ("tiny_qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+])
+def test_qwen_hub_layout_and_transformers_load(request, fixture, architecture):
+    """The key names of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct; two vision blocks, eight layers."""
+    model_dir = request.getfixturevalue(fixture)
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.", "visual.")
+    assert all(k.startswith(prefixes) for k in keys), keys
+    assert {k.split(".")[2] for k in keys if k.startswith("visual.blocks.")} == {"0", "1"}
+    assert {k.split(".")[2] for k in keys if k.startswith("model.layers.")} == set(map(str, range(8)))
+    model, info = AutoModelForImageTextToText.from_pretrained(model_dir, output_loading_info=True)
+    assert type(model).__name__ == architecture
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    processor = AutoProcessor.from_pretrained(model_dir)
+    text = processor.apply_chat_template([template_image_turn("Hi?")], add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n")
+    assert processor.image_token_id == model.config.image_token_id
+    assert processor.video_processor is not None
+
+
+def test_qwen_same_seed_same_bytes(tmp_path):
+    a = build_tiny_qwen_vl(tmp_path / "a", "qwen2_5_vl", num_layers=2)
+    b = build_tiny_qwen_vl(tmp_path / "b", "qwen2_5_vl", num_layers=2)
+    for name in sorted(p.name for p in a.iterdir()):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name

@@ -12,8 +12,8 @@ from PIL import Image
 from shortlvlm_vllm.cli import main
 
 
-def test_record_plot_and_card(scp_pruned_llava):
-    record = json.loads((scp_pruned_llava / "config.json").read_text())["short_lvlm"]
+def test_record_plot_and_card(scp_pruned_vlm):
+    record = json.loads((scp_pruned_vlm / "config.json").read_text())["short_lvlm"]
     assert record["method"] == "tis" and record["ratio"] == 0.25 and record["candidates"] == [4, 5, 6, 7]
     assert len(record["pruned_layers"]) == 2 and set(record["pruned_layers"]) <= {4, 5, 6, 7}
     assert record["compensation"] == "scp" and record["rank"] == 16 and record["scp_target"] == "down_proj"
@@ -22,9 +22,9 @@ def test_record_plot_and_card(scp_pruned_llava):
     assert record["calibration"]["num_samples_used"] == 24 and record["top_p"] == 0.1
     tis = {int(k): v for k, v in record["scores"]["tis"].items()}
     assert sorted(record["pruned_layers"]) == sorted(sorted(tis, key=lambda k: (tis[k], k))[-2:])
-    with Image.open(scp_pruned_llava / "short_lvlm_scores.png") as plot:
+    with Image.open(scp_pruned_vlm / "short_lvlm_scores.png") as plot:
         assert plot.size[0] > 400
-    assert "short_lvlm_scores.png" in (scp_pruned_llava / "README.md").read_text()
+    assert "short_lvlm_scores.png" in (scp_pruned_vlm / "README.md").read_text()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_llava, llava_calib, tmp_path, capsys):
@@ -72,7 +72,7 @@ def _not_vlm(tmp_path, tiny):
         (["--rank", "200", "--num-samples", "256"], r"hidden size 128"),
         (["--rank", "60", "--num-samples", "500"], "larger than the 40 calibration samples"),
         (_no_images, "no samples with images"),
-        (_not_vlm, "not a supported vision-language checkpoint.*Supported model types: llava"),
+        (_not_vlm, "not a supported vision-language checkpoint.*Supported model types: llava, qwen2_vl"),
         (["--no-calib"], "needs calibration data: pass --calib"),
         (["--localize", "tis", "--candidates", "2-99"], "out of range"),
     ],

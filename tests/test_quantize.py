@@ -20,7 +20,7 @@ from shortlvlm_vllm.calibrate import calibration_inputs
 from shortlvlm_vllm.calibration_data import load_calibration
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_byte_tokenizer, build_tiny_llava, make_llava, save_llava
+from shortlvlm_vllm.fixtures import build_byte_tokenizer, build_tiny_llava, make_llava, save_hub_checkpoint
 from shortlvlm_vllm.images import data_url, image_message, template_image_turn
 from shortlvlm_vllm.serve import VLLMServer, has_cuda
 
@@ -272,7 +272,7 @@ def test_already_quantized_source(quantized, tmp_path, capsys):
 
 def test_shapes_the_cpu_kernel_cannot_take(tmp_path, capsys):
     model, processor = make_llava(build_byte_tokenizer(), num_layers=1, hidden_size=128, intermediate_size=200)
-    odd = save_llava(model, processor, tmp_path / "odd")
+    odd = save_hub_checkpoint(model, processor, tmp_path / "odd")
     _fails(capsys, ["quantize", str(odd), "-o", str(tmp_path / "out"), "--method", "rtn"],
            "vLLM's W4A16 CPU kernel needs both dimensions to be multiples of 32", tmp_path / "out")
 

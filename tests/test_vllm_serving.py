@@ -1,31 +1,41 @@
 """vLLM serving the pruned checkpoint through the OpenAI API: agreement with transformers,
-streaming, concurrency, and bad requests. One server for the whole module."""
+streaming, concurrency, the evaluation client, and bad requests. One server per served checkpoint:
+the tiny LLaVA pruned by hand and by TIS + SCP, and the tiny Qwen2-VL and Qwen2.5-VL pruned by
+TIS + SCP with `shortlvlm prune`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
 import requests
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from shortlvlm_vllm.cli import main
+from shortlvlm_vllm.client import RECORDS_NAME, SCORES_NAME
 from shortlvlm_vllm.images import data_url, image_message, template_image_turn
 from shortlvlm_vllm.serve import VLLMServer
 
-from .conftest import random_image
+from .conftest import IMAGE_SIZES, random_image
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3000)]  # four server starts; one can take 10 minutes on a busy CPU
 MODEL = "pruned"
 QUESTIONS = ["What is in the image?", "Describe the colours.", "Is there a square? Answer yes or no."]
 NEW_TOKENS = 8
 TOP = 5
 
 
-@pytest.fixture(scope="module", params=["pruned_llava", "scp_pruned_llava"], ids=["explicit", "tis-scp"])
+@pytest.fixture(
+    scope="module",
+    params=["pruned_llava", "scp_pruned_llava", "scp_pruned_qwen2_vl", "scp_pruned_qwen2_5_vl"],
+    ids=["llava-explicit", "llava-tis-scp", "qwen2-vl-tis-scp", "qwen2.5-vl-tis-scp"],
+)
 def served_checkpoint(request):
-    """Each test runs against layers removed by hand and against TIS + folded SCP."""
+    """Each test runs against LLaVA with layers removed by hand and with TIS + folded SCP, and against
+    Qwen2-VL and Qwen2.5-VL pruned with TIS + folded SCP."""
     return request.getfixturevalue(request.param)
 
 
@@ -33,7 +43,7 @@ def served_checkpoint(request):
 def server(served_checkpoint, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
     with VLLMServer(served_checkpoint, log_path=log_path, dtype="float32", served_model_name=MODEL,
-                    extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
+                    startup_timeout=1500, extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
         yield running
 
 
@@ -52,10 +62,10 @@ def _ask(client, image, question, **kwargs):
 @torch.no_grad()
 def test_greedy_tokens_agree_with_transformers(client, served_checkpoint):
     processor = AutoProcessor.from_pretrained(served_checkpoint)
-    model = LlavaForConditionalGeneration.from_pretrained(served_checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(served_checkpoint, dtype=torch.float32).eval()
     exact = 0
     for seed, question in enumerate(QUESTIONS):
-        image = random_image(seed)
+        image = random_image(seed, IMAGE_SIZES[seed % 2])
         text = processor.apply_chat_template(
             [template_image_turn(question)],
             add_generation_prompt=True,
@@ -107,6 +117,15 @@ def test_concurrent_requests(server):
 
     responses = asyncio.run(run())
     assert [r.usage.completion_tokens for r in responses] == [NEW_TOKENS] * 6
+
+
+def test_eval_client_end_to_end(server, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "synthetic", "--base-url", server.base_url, "--model", MODEL, "--limit", "6",
+                 "--concurrency", "3", "-o", str(out)]) == 0
+    records = [json.loads(line) for line in (out / RECORDS_NAME).read_text().splitlines()]
+    assert len(records) == 6 and all(r["error"] is None and r["completion_tokens"] >= 1 for r in records)
+    assert json.loads((out / SCORES_NAME).read_text())["failed"] == 0
 
 
 CORRUPT_PNG = "data:image/png;base64," + "aGVsbG8gd29ybGQ=" * 4

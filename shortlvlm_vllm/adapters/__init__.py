@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from shortlvlm_vllm.adapters.base import ArchitectureAdapter
 from shortlvlm_vllm.adapters.llava import LLAVA
+from shortlvlm_vllm.adapters.qwen_vl import QWEN2_5_VL, QWEN2_VL
 from shortlvlm_vllm.errors import ShortLVLMError
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAVA,)
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL)
 
 
 def supported_model_types() -> list[str]:

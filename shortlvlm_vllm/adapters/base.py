@@ -13,11 +13,13 @@ class ArchitectureAdapter:
 
     layer_key_patterns: regexes over checkpoint tensor names with groups (prefix, index, rest)
         that match the language model's decoder layers, in every key layout the hub uses.
-    text_config_paths: the config.json sections (dotted, "" for the top level) whose
-        num_hidden_layers and per-layer lists describe those decoder layers.
+    text_config_paths: the config.json sections (dotted, "" for the top level) that may hold
+        num_hidden_layers and the per-layer settings of those decoder layers.
     hub_key_renames: (transformers state_dict regex, hub name) pairs that turn the names
         transformers uses in memory into the hub layout that stock vLLM loads.
     per_layer_config_lists: config keys holding one entry per decoder layer.
+    layer_boundary_config_keys: config keys holding a layer index that splits the decoder in two
+        (layers below it behave one way, the rest another), e.g. Qwen2's max_window_layers.
     decoder_layers_module: dotted path of the decoder layers' ModuleList in the transformers model.
     image_token_config_key: the config.json key holding the image placeholder token id.
     layer_weights: role -> weight name inside a decoder layer (after "layers.N."), for the
@@ -30,6 +32,7 @@ class ArchitectureAdapter:
     text_config_paths: tuple[str, ...]
     hub_key_renames: tuple[tuple[str, str], ...]
     per_layer_config_lists: tuple[str, ...] = ("layer_types",)
+    layer_boundary_config_keys: tuple[str, ...] = ()
     decoder_layers_module: str = "model.language_model.layers"
     image_token_config_key: str = "image_token_index"
     layer_weights: tuple[tuple[str, str], ...] = (
@@ -75,11 +78,29 @@ class ArchitectureAdapter:
         return list(module)
 
     def text_configs(self, config: dict) -> list[dict]:
-        """The config.json sections that describe the decoder layers (created if absent)."""
-        sections = []
-        for path in self.text_config_paths:
-            section = config
-            for part in filter(None, path.split(".")):
-                section = section.setdefault(part, {})
-            sections.append(section)
-        return sections
+        """The config.json sections that describe the decoder layers.
+
+        Every listed section present that declares num_hidden_layers; if none does, the first listed
+        section present (created if none is), where the layer count is to be written. A section that
+        is absent is never created beside one that is present: transformers reads a Qwen2-VL config's
+        flat text fields only when it has no `text_config`.
+        """
+        present = [s for path in self.text_config_paths if (s := _section(config, path)) is not None]
+        declaring = [s for s in present if "num_hidden_layers" in s]
+        if declaring:
+            return declaring
+        if present:
+            return present[:1]
+        section = config
+        for part in filter(None, self.text_config_paths[0].split(".")):
+            section = section.setdefault(part, {})
+        return [section]
+
+
+def _section(config: dict, path: str) -> dict | None:
+    section = config
+    for part in filter(None, path.split(".")):
+        section = section.get(part)
+        if not isinstance(section, dict):
+            return None
+    return section
