@@ -19,9 +19,20 @@ from pathlib import Path
 
 import torch
 
+from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.fixtures import LLAVA_CHAT_TEMPLATE, SPECIAL_TOKENS, make_llava, save_hub_checkpoint
 from shortlvlm_vllm.images import template_image_turn
-from shortlvlm_vllm.synthetic import FAMILIES, SyntheticConfig, answer_vocabulary, generate_split, question_vocabulary
+from shortlvlm_vllm.synthetic import (
+    COLOURS,
+    FAMILIES,
+    GRID,
+    SHAPES,
+    SIZES,
+    SyntheticConfig,
+    answer_vocabulary,
+    generate_split,
+    question_vocabulary,
+)
 from shortlvlm_vllm.synthetic import words as words_of
 
 log = logging.getLogger(__name__)
@@ -57,6 +68,9 @@ class ToyTrainingConfig:
     stop_accuracy: float = 0.94
     stop_family_accuracy: float = 0.85
     max_steps: int = 0  # stop after this many steps (0: none); the schedule still spans `epochs`
+    # Stage 0, before the LLaVA training: the vision tower alone learns to name each cell's object.
+    vision_warmup_steps: int = 600
+    vision_warmup_batch_size: int = 64
 
 
 # BOS comes from the chat template, not from the tokenizer: vLLM's chat endpoint adds no special
@@ -196,6 +210,61 @@ def _batch(split: EncodedSplit, conversations: Sequence[Sequence[int]], pad_id: 
             "labels": labels, "pixel_values": pixels, "last": torch.tensor([len(r[0]) - 1 for r in rows])}
 
 
+CELL_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}
+
+
+def cell_labels(rows: Sequence[dict]) -> torch.Tensor:
+    """[num_images, GRID*GRID, attributes]: each cell's shape, colour and size index + 1 (0: empty), images
+    in order of first appearance (encode_split's order)."""
+    scenes = {r["image_id"]: r["scene"] for r in rows}
+    labels = torch.zeros(len(scenes), GRID * GRID, len(CELL_ATTRIBUTES), dtype=torch.long)
+    for image, scene in enumerate(scenes.values()):
+        for o in json.loads(scene):
+            labels[image, o["cell"][0] * GRID + o["cell"][1]] = torch.tensor(
+                [1 + values.index(o[name]) for name, values in CELL_ATTRIBUTES.items()])
+    return labels
+
+
+def warm_up_vision(model, config: ToyTrainingConfig, train: tuple[torch.Tensor, torch.Tensor],
+                   held_out: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Stage 0, the toy's stand-in for the pretrained CLIP of LLaVA-1.5: per-cell object classification.
+
+    Trained only end to end through the decoder, the tower learned colour, size and position but read shape
+    at chance after 2250 steps (measured on the model's captions: 36% of shapes right), which capped the
+    accuracy of every family that names a shape. Per-patch labels teach shape in a few hundred steps. The
+    classifier reads the feature layer that the projector reads and is discarded afterwards.
+    """
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    if config.image_size // config.patch_size != GRID:
+        raise ShortLVLMError(f"the vision warm-up needs one patch per grid cell: image_size / patch_size must be "
+                             f"{GRID}, not {config.image_size}/{config.patch_size}.")
+    sizes = [1 + len(values) for values in CELL_ATTRIBUTES.values()]
+    head = torch.nn.Linear(config.vision_hidden_size, sum(sizes))
+    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def logits(pixels: torch.Tensor) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+            return head(features).float().split(sizes, dim=-1)
+
+    tower.train()
+    for _ in range(config.vision_warmup_steps):
+        index = torch.randint(0, len(train[0]), (config.vision_warmup_batch_size,), generator=generator)
+        loss = sum(torch.nn.functional.cross_entropy(out.flatten(0, 1), train[1][index, :, k].flatten())
+                   for k, out in enumerate(logits(train[0][index])))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    tower.eval()
+    with torch.no_grad():
+        outs = logits(held_out[0])
+    occupied = held_out[1][..., 0] > 0
+    return {name: ((out.argmax(-1) == held_out[1][..., k]) & occupied).sum().item() / occupied.sum().item()
+            for k, (name, out) in enumerate(zip(CELL_ATTRIBUTES, outs, strict=True))}
+
+
 @torch.no_grad()
 def answer_accuracy(model, split: EncodedSplit, pad_id: int, batch_size: int = 128) -> dict[str, float]:
     """Greedy first-token accuracy per family and overall (every answer is one token)."""
@@ -229,15 +298,21 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
     image_tokens = model.config.image_seq_length
     data = SyntheticConfig(seed=config.seed, train_images=config.train_images, image_size=config.scene_size)
     started = time.perf_counter()
-    train = encode_split(with_captions(generate_split("train", data)), tokenizer, processor.image_processor,
-                         image_tokens)
-    monitor = encode_split(generate_split("calibration", data)[: config.eval_questions], tokenizer,
-                           processor.image_processor, image_tokens)
+    train_rows = generate_split("train", data)
+    train = encode_split(with_captions(train_rows), tokenizer, processor.image_processor, image_tokens)
+    monitor_rows = generate_split("calibration", data)[: config.eval_questions]
+    monitor = encode_split(monitor_rows, tokenizer, processor.image_processor, image_tokens)
     test = encode_split(generate_split("test", data)[: config.eval_questions], tokenizer, processor.image_processor,
                         image_tokens)
     conversations = train.conversations()
     log.info("encoded %d training conversations (%d questions) and 2 x %d held-out questions in %.0f s",
              len(conversations), len(train.prompts), len(test.prompts), time.perf_counter() - started)
+
+    started = time.perf_counter()
+    cells = warm_up_vision(model, config, (train.pixels, cell_labels(train_rows)),
+                           (monitor.pixels, cell_labels(monitor_rows)))
+    log.info("vision warm-up: %d steps, held-out cell accuracy %s  %.0f s", config.vision_warmup_steps,
+             ", ".join(f"{k} {v:.3f}" for k, v in cells.items()), time.perf_counter() - started)
 
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     steps = math.ceil(config.epochs * len(conversations) / config.batch_size)
@@ -279,7 +354,7 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
                 break
     final = answer_accuracy(model, test, pad_id)
     log.info("test-split accuracy %.3f  (%s)", final["overall"], _families_text(final))
-    model.config.short_lvlm_toy = {"training": asdict(config), "history": history,
+    model.config.short_lvlm_toy = {"training": asdict(config), "vision_warmup": cells, "history": history,
                                    "test_accuracy": {k: round(v, 4) for k, v in final.items()}}
     save_hub_checkpoint(model, processor, out_dir, dtype=torch.bfloat16, overwrite=overwrite)
     return final
