@@ -21,7 +21,7 @@ import torch
 from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
 from shortlvlm_vllm.fixtures import build_tiny_llava
 from shortlvlm_vllm.localize import layers_to_prune
-from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests
+from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests, write_summary
 
 
 def main() -> None:
@@ -63,8 +63,7 @@ def main() -> None:
         "workload": {"num_prompts": args.num_prompts, "concurrency": args.concurrency, "output_len": args.output_len},
         "results": results,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary, args.output)
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
 
 

@@ -22,7 +22,7 @@ import torch
 from shortlvlm_vllm.checkpoint import open_checkpoint
 from shortlvlm_vllm.fixtures import build_tiny_llava
 from shortlvlm_vllm.prune import PruneRecipe, plan_pruning, write_plan
-from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests
+from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests, write_summary
 from shortlvlm_vllm.visual_tokens import image_token_count
 
 
@@ -64,8 +64,7 @@ def main() -> None:
         "workload": {"num_prompts": args.num_prompts, "concurrency": 1, "output_len": 1},
         "results": results,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary, args.output)
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
 
 

@@ -119,6 +119,15 @@ def _normalise(arm: Arm) -> Arm:
         arm.localize, arm.compensate, arm.quantize)), tokens)
 
 
+SOURCE_NAME = "source.json"
+
+
+def source_fingerprint(path: Path) -> dict:
+    """What tells two versions of a checkpoint apart cheaply: config.json's hash and each weight file's size."""
+    return {"path": str(path), "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+            "weights": {f.name: f.stat().st_size for f in sorted(path.glob("*.safetensors"))}}
+
+
 def _slug(name: str) -> str:
     return name.replace("%", "pct").replace("+", "_")
 
@@ -188,12 +197,32 @@ class Matrix:
 
     def run(self) -> list[dict]:
         """Every arm in turn; an arm measured before (its result file exists) is read back, not rerun."""
+        self.check_source()
         results = []
         for i, arm in enumerate(self.config.arms, 1):
             log.info("arm %d/%d: %s", i, len(self.config.arms), arm.name)
             results.append(self.measure(arm))
             write_tables(results, self.out)
         return results
+
+    def check_source(self) -> None:
+        """Refuse to resume in a directory whose arms and cached checkpoints came from other source weights.
+
+        Arms and checkpoints are reused by name and recipe, which do not see a model retrained in place (the
+        toy model is): OUT/source.json records the source's fingerprint at the first run.
+        """
+        fingerprint = source_fingerprint(self.source())
+        path = self.out / SOURCE_NAME
+        if path.is_file():
+            recorded = json.loads(path.read_text())
+        else:
+            recorded = fingerprint if not any((self.out / "arms").glob("*/result.json")) else None
+        if recorded != fingerprint:
+            what = f"another version of {fingerprint['path']}" if recorded else "a source it did not record"
+            raise ShortLVLMError(f"{self.out} holds arms measured on {what} (config or weight files differ): measure "
+                                 f"into a new directory, or delete {self.out} to start over.")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fingerprint, indent=2) + "\n")
 
     def measure(self, arm: Arm) -> dict:
         from shortlvlm_vllm.benchmarks import get_benchmark

@@ -254,3 +254,11 @@ def replay_on_servers(
         log.info("%s:\n%s", name, describe(result))
         results[name] = result.to_dict()
     return results
+
+
+def write_summary(summary: Mapping, out_dir: Path) -> Path:
+    """A benchmark script's figures as OUT/results.json (per-server results included); returns the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ def test_shipped_configs_expand_to_the_arms_the_issue_asks_for():
 
 def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tiny_llava, tmp_path):
     config = load_config(CONFIGS / "stacking_tokens.yaml")
-    assert [arm.name for arm in config.arms] == ["full", "full+tokens-25%", "tis+scp-30%", "tis+scp-30%+tokens-25%"]
+    assert [arm.name for arm in config.arms] == ["full", "full+tokens-50%", "full+tokens-25%", "tis+scp-30%",
+                                                 "tis+scp-30%+tokens-50%", "tis+scp-30%+tokens-25%"]
     assert [Arm(0.0, "-", "-", "none", t).visual_tokens(9) for t in (1.0, 0.5, 0.25)] == [9, 4, 2]
     config.server = {"max_model_len": 512, "extra_args": ["--seed", "1"]}
     matrix = Matrix(config, tmp_path)
@@ -84,3 +86,23 @@ def test_tables_and_plot_hold_every_arm(tmp_path):
     assert len(markdown) == 2 + 3 and "tis+scp-30%" in markdown[3]
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert (tmp_path / "accuracy_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_directory_measured_on_other_weights_is_not_resumed(tiny_llava, tmp_path):
+    """Arms are reused by name and checkpoints by recipe: a model retrained in place must not be mixed in."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava, model)
+    out = tmp_path / "out"
+    config = load_config(CONFIGS / "stacking_tokens.yaml")
+    config.model = str(model)
+    Matrix(config, out).check_source()
+    Matrix(config, out).check_source()  # same weights: resumes
+    retrained = {**json.loads((model / "config.json").read_text()), "retrained": True}
+    (model / "config.json").write_text(json.dumps(retrained))
+    with pytest.raises(ShortLVLMError, match="another version of .*delete"):
+        Matrix(config, out).check_source()
+    legacy = tmp_path / "legacy"
+    (legacy / "arms" / "full").mkdir(parents=True)
+    (legacy / "arms" / "full" / "result.json").write_text("{}")
+    with pytest.raises(ShortLVLMError, match="did not record"):
+        Matrix(config, legacy).check_source()
