@@ -247,7 +247,8 @@ def write_pruned_checkpoint(
 
 def layer_renumbering(num_layers: int, drop: Sequence[int]) -> dict[int, int]:
     """Kept layer's old index -> its index in the pruned checkpoint."""
-    return {old: new for new, old in enumerate(i for i in range(num_layers) if i not in set(drop))}
+    dropped = set(drop)
+    return {old: new for new, old in enumerate(i for i in range(num_layers) if i not in dropped)}
 
 
 def _output(name: str, info: TensorInfo, replaced: Mapping[str, torch.Tensor]) -> OutputTensor:

@@ -105,9 +105,10 @@ def pruned_view(
         param = layers[match[1]].get_parameter(match[2].lstrip("."))
         saved.append((param, param.data))
         param.data = value.to(param.device, param.dtype)
-    setattr(parent, attr, torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in set(pruned)))
+    dropped = set(pruned)
+    setattr(parent, attr, torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in dropped))
     for key, values in per_layer.items():
-        setattr(config, key, [v for i, v in enumerate(values) if i not in set(pruned)])
+        setattr(config, key, [v for i, v in enumerate(values) if i not in dropped])
     try:
         yield
     finally:

@@ -20,8 +20,8 @@ from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.localize import LOCALIZERS, LayerStatistics, layers_to_prune, localize, parse_candidates
 from shortlvlm_vllm.measure import Drift, measure_drift
 from shortlvlm_vllm.quantized import dequantized_copy, quantization_format
-from shortlvlm_vllm.visual_tokens import check_budget, image_token_count
-from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, side_path, visual_token_architecture
+from shortlvlm_vllm.visual_tokens import image_token_count
+from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_architecture, side_path
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,6 @@ def check_recipe(recipe: PruneRecipe, num_layers: int, hidden_size: int) -> list
     return candidates
 
 
-def check_visual_tokens(config: dict, budget: int) -> str:
-    """The registered class that will serve `budget` visual tokens for this config.json, once K fits the image."""
-    architecture = visual_token_architecture(config)
-    check_budget(budget, image_token_count(config))
-    return architecture
-
-
 def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
     """The unpruned model and processor for calibration, with SDPA attention."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -154,7 +147,7 @@ def plan_pruning(
         _check_side_path_target(recipe)
     candidates = check_recipe(recipe, src.num_layers, src.hidden_size)
     if recipe.visual_tokens is not None:
-        check_visual_tokens(src.config, recipe.visual_tokens)
+        budget_architecture(src.config, recipe.visual_tokens)
     if recipe.calibration is None or (recipe.ratio is None and recipe.drop_layers is None):
         return PrunePlan(sorted(recipe.drop_layers or []), candidates)
     cal = recipe.calibration
@@ -235,7 +228,7 @@ def write_plan(
                 f"the down-projection output of decoder layers {layers}; vLLM serves them with the plugin's "
                 f"`{SHORT_LLAVA_ARCHITECTURE}`. Stock transformers loads the weights without them.\n\n")
     if recipe.visual_tokens is not None:
-        architectures = [check_visual_tokens(src.config, recipe.visual_tokens)]
+        architectures = [budget_architecture(src.config, recipe.visual_tokens)]
         card += (f"## Visual-token budget\n\n{recipe.visual_tokens} of the {image_token_count(src.config)} tokens of "
                  f"each image reach the language model (VisionZip-style selection). vLLM serves this with the "
                  f"plugin's `{architectures[0]}` (the shortlvlm-vllm package installed); stock transformers "

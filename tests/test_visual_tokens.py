@@ -11,9 +11,8 @@ from transformers import AutoConfig
 
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.prune import check_visual_tokens
 from shortlvlm_vllm.visual_tokens import select_visual_tokens, split_budget
-from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_overrides, register
+from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_architecture, budget_overrides, register
 
 TINY_TOKENS = 64  # the tiny fixture: 64 px images, 8 px patches
 
@@ -106,7 +105,7 @@ def test_bad_visual_token_input_is_a_clear_error(tiny_llava, tmp_path, capsys, e
 
 def test_budget_on_a_model_type_without_a_registered_class_is_refused(tiny_llava):
     config = json.loads((tiny_llava / "config.json").read_text()) | {"model_type": "qwen2_vl"}
-    for check in (lambda: check_visual_tokens(config, 8), lambda: budget_overrides(config, 8)):
+    for check in (lambda: budget_architecture(config, 8), lambda: budget_overrides(config, 8)):
         with pytest.raises(ShortLVLMError, match="registered model class, and there is none for model type 'qwen2_vl'"):
             check()
 

@@ -33,16 +33,22 @@ def visual_token_architecture(config: Mapping) -> str:
     return VISUAL_TOKEN_ARCHITECTURES[model_type]
 
 
+def budget_architecture(config: Mapping, budget: int) -> str:
+    """The registered class that serves `budget` visual tokens for this config.json, once K fits the image."""
+    from shortlvlm_vllm.visual_tokens import check_budget, image_token_count
+
+    architecture = visual_token_architecture(config)
+    check_budget(budget, image_token_count(config))
+    return architecture
+
+
 def budget_overrides(config: Mapping, budget: int) -> dict:
     """vLLM `--hf-overrides` that serve a checkpoint (config.json as a dict) with `budget` visual tokens.
 
     vLLM replaces a dict-valued key as a whole, so the checkpoint's `short_lvlm` section is carried over
     with only `visual_tokens` changed; `architectures` names the registered class.
     """
-    from shortlvlm_vllm.visual_tokens import check_budget, image_token_count
-
-    check_budget(budget, image_token_count(config))
-    return {"architectures": [visual_token_architecture(config)],
+    return {"architectures": [budget_architecture(config, budget)],
             "short_lvlm": {**(config.get("short_lvlm") or {}), "visual_tokens": budget}}
 
 

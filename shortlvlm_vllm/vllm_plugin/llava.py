@@ -9,6 +9,7 @@ Without a budget, or with K equal to the image's token count, the class is vLLM'
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cached_property
 
 import torch
 from vllm.config import VllmConfig
@@ -34,11 +35,15 @@ from shortlvlm_vllm.vllm_plugin.side_path import attach_side_paths, check_side_p
 class ShortLlavaProcessingInfo(LlavaProcessingInfo):
     """Reports K placeholder tokens per image, so the prompt's count matches what the model returns."""
 
+    @cached_property
+    def visual_tokens(self) -> int | None:
+        """K from the served config (read once: it is fixed for the server's life), None for every token."""
+        return configured_budget(self.get_hf_config().to_dict())
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        budget = configured_budget(self.get_hf_config().to_dict())
-        if budget is None:
+        if self.visual_tokens is None:
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return budget
+        return self.visual_tokens
 
 
 @MULTIMODAL_REGISTRY.register_processor(
