@@ -10,7 +10,6 @@ relative distance of the last hidden states (lower is better). Writes a markdown
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from shortlvlm_vllm.calibrate import run_calibration
@@ -20,6 +19,7 @@ from shortlvlm_vllm.compensate import SCP_TARGETS, compensate
 from shortlvlm_vllm.localize import layers_to_prune, localize, parse_candidates
 from shortlvlm_vllm.measure import measure_drift
 from shortlvlm_vllm.prune import load_model
+from shortlvlm_vllm.throughput import write_summary
 
 
 def main() -> None:
@@ -57,11 +57,11 @@ def main() -> None:
     lines += [f"| {name} | {d.kl:.5f} | {d.hidden_distance:.4f} |" for name, d in drifts.items()]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text("\n".join(lines) + "\n")
-    (args.output / "results.json").write_text(json.dumps({
+    write_summary({
         "model": src.name, "ratio": args.ratio, "localize": args.localize, "pruned": pruned,
         "num_samples": len(samples), "heldout": len(heldout), "calib": args.calib,
         "drift": {name: d.as_dict() for name, d in drifts.items()},
-    }, indent=2) + "\n")
+    }, args.output)
     print("\n".join(lines))
 
 

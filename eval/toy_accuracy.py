@@ -16,6 +16,7 @@ from shortlvlm_vllm.client import Endpoint, run_benchmark
 from shortlvlm_vllm.evaluate import ask_transformers
 from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, plan_pruning, write_plan
 from shortlvlm_vllm.serve import VLLMServer
+from shortlvlm_vllm.throughput import write_summary
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
         pruned = write_plan(src, args.output / f"pruned-{compensation}", recipe, plan, overwrite=True)
         results[f"pruned_{compensation}_transformers"] = transformers_scores(pruned)
         results["pruned_layers"] = plan.pruned
-    (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_summary(results, args.output)
     print(json.dumps(results, indent=2))
 
 
