@@ -28,6 +28,7 @@ from shortlvlm_vllm.synthetic import (
     GRID,
     SHAPES,
     SIZES,
+    SPATIAL_Q,
     SyntheticConfig,
     answer_vocabulary,
     generate_split,
@@ -87,7 +88,8 @@ def build_word_tokenizer():
     from shortlvlm_vllm.synthetic import WORD
 
     words = sorted(set(question_vocabulary()) | set(answer_vocabulary()) | set(CAPTION_WORDS)
-                   | {"USER", "ASSISTANT", ":"} | set(words_of(CAPTION_QUESTION)))
+                   | {"USER", "ASSISTANT", ":"} | set(words_of(CAPTION_QUESTION))
+                   | set(words_of(LOCATE_QUESTION.format(colour="red", shape="circle"))))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -101,6 +103,7 @@ def build_word_tokenizer():
 
 
 CAPTION_QUESTION = "Describe the image."
+LOCATE_QUESTION = "Where is the {colour} {shape}?"
 _ROWS, _COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
 CAPTION_WORDS = (*_ROWS, *_COLUMNS, ",")
 
@@ -113,11 +116,32 @@ def caption(scene_json: str) -> str:
     )
 
 
-def with_captions(rows: Sequence[dict]) -> list[dict]:
-    """The rows plus one caption row per image (family "caption", never scored)."""
-    extra = {r["image_id"]: {**r, "id": f"{r['image_id']}-caption", "question": CAPTION_QUESTION,
-                             "answer": caption(r["scene"]), "family": "caption"} for r in rows}
-    return list(rows) + list(extra.values())
+def with_training_turns(rows: Sequence[dict]) -> list[dict]:
+    """The rows plus, per image, a caption, one "where is" turn per object and a left/right drill (never scored).
+
+    The locate turns are the toy's grounding data (LLaVA-1.5 trains on region descriptions too). Without
+    them and the drill, the decoder learned above/below, which the row-major order of the image tokens gives
+    away, but answered every left/right question "no", on training images as well. The locate turns taught
+    it to read an object's column, not to compare two; the drill asks one pair of objects both ways round
+    for left and for right, so that only the comparison tells the answers apart.
+    """
+    extra = []
+    for r in {r["image_id"]: r for r in rows}.values():
+        objects = json.loads(r["scene"])
+        extra.append({**r, "id": f"{r['image_id']}-caption", "question": CAPTION_QUESTION,
+                      "answer": caption(r["scene"]), "family": "caption"})
+        extra += [{**r, "id": f"{r['image_id']}-locate-{k}", "question": LOCATE_QUESTION.format(**o),
+                   "answer": f"{_ROWS[o['cell'][0]]} {_COLUMNS[o['cell'][1]]}", "family": "locate"}
+                  for k, o in enumerate(objects)]
+        pairs = [(a, b) for a in objects for b in objects if a["cell"][1] < b["cell"][1]]
+        if pairs:
+            west, east = random.Random(r["image_id"]).choice(pairs)  # str seeds are stable across runs
+            extra += [{**r, "id": f"{r['image_id']}-drill-{k}", "question": SPATIAL_Q[relation].format(
+                a=f"{a['colour']} {a['shape']}", b=f"{b['colour']} {b['shape']}"), "answer": answer,
+                "family": "drill"} for k, (relation, a, b, answer) in enumerate([
+                    ("left", west, east, "yes"), ("left", east, west, "no"),
+                    ("right", east, west, "yes"), ("right", west, east, "no")])]
+    return list(rows) + extra
 
 
 def prompt_text(tokenizer, question: str) -> str:
@@ -210,18 +234,28 @@ def _batch(split: EncodedSplit, conversations: Sequence[Sequence[int]], pad_id: 
             "labels": labels, "pixel_values": pixels, "last": torch.tensor([len(r[0]) - 1 for r in rows])}
 
 
-CELL_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}
+# What the warm-up teaches each cell's feature to say. Row and column too: a feature that says where its
+# object is lets the decoder compare two objects' positions from what attention retrieves (RoPE moves
+# queries and keys, never values). Without them a linear probe read row and column at chance (0.35) from
+# the projected features of the model trained before, which answered every left/right question "no".
+CELL_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "row": _ROWS, "column": _COLUMNS}
+
+
+def _cell_attributes(o: dict) -> dict[str, str]:
+    return {"shape": o["shape"], "colour": o["colour"], "size": o["size"], "row": _ROWS[o["cell"][0]],
+            "column": _COLUMNS[o["cell"][1]]}
 
 
 def cell_labels(rows: Sequence[dict]) -> torch.Tensor:
-    """[num_images, GRID*GRID, attributes]: each cell's shape, colour and size index + 1 (0: empty), images
-    in order of first appearance (encode_split's order)."""
+    """[num_images, GRID*GRID, attributes]: each occupied cell's CELL_ATTRIBUTES, as index + 1 (0: empty),
+    images in order of first appearance (encode_split's order)."""
     scenes = {r["image_id"]: r["scene"] for r in rows}
     labels = torch.zeros(len(scenes), GRID * GRID, len(CELL_ATTRIBUTES), dtype=torch.long)
     for image, scene in enumerate(scenes.values()):
         for o in json.loads(scene):
+            named = _cell_attributes(o)
             labels[image, o["cell"][0] * GRID + o["cell"][1]] = torch.tensor(
-                [1 + values.index(o[name]) for name, values in CELL_ATTRIBUTES.items()])
+                [1 + values.index(named[name]) for name, values in CELL_ATTRIBUTES.items()])
     return labels
 
 
@@ -299,7 +333,7 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
     data = SyntheticConfig(seed=config.seed, train_images=config.train_images, image_size=config.scene_size)
     started = time.perf_counter()
     train_rows = generate_split("train", data)
-    train = encode_split(with_captions(train_rows), tokenizer, processor.image_processor, image_tokens)
+    train = encode_split(with_training_turns(train_rows), tokenizer, processor.image_processor, image_tokens)
     monitor_rows = generate_split("calibration", data)[: config.eval_questions]
     monitor = encode_split(monitor_rows, tokenizer, processor.image_processor, image_tokens)
     test = encode_split(generate_split("test", data)[: config.eval_questions], tokenizer, processor.image_processor,

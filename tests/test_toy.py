@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from shortlvlm_vllm.toy import (
     encode_split,
     prompt_text,
     warm_up_vision,
-    with_captions,
+    with_training_turns,
 )
 
 
@@ -33,7 +35,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rows():
-    return with_captions(generate_split("test", SyntheticConfig(test_images=60)))
+    return with_training_turns(generate_split("test", SyntheticConfig(test_images=60)))
 
 
 def test_every_word_of_the_set_is_one_known_token(tokenizer, rows):
@@ -42,7 +44,7 @@ def test_every_word_of_the_set_is_one_known_token(tokenizer, rows):
         for text in (prompt_text(tokenizer, row["question"]), row["answer"]):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert unk not in ids, text
-        if row["family"] != "caption":
+        if row["family"] in FAMILIES:  # scored answers are one token; the training-only turns' are longer
             assert len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"]) == 1
     assert tokenizer.decode(tokenizer("yes", add_special_tokens=False)["input_ids"]) == "yes"
 
@@ -81,6 +83,34 @@ def test_one_caption_per_image(rows):
     assert all(words(r["answer"])[1] in ("red", "green", "blue", "yellow") for r in captions)
 
 
+def test_one_locate_turn_per_object_names_its_cell(rows):
+    located = {(r["image_id"], r["question"]): r["answer"] for r in rows if r["family"] == "locate"}
+    expected = {(r["image_id"], f"Where is the {o['colour']} {o['shape']}?"):
+                f"{('top', 'middle', 'bottom')[o['cell'][0]]} {('left', 'center', 'right')[o['cell'][1]]}"
+                for r in rows for o in json.loads(r["scene"])}
+    assert located == expected
+
+
+OBJECT_NAME = rf"(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)})"
+
+
+def test_the_drill_asks_one_pair_both_ways_and_its_answers_follow_the_scene(rows):
+    by_image = {}
+    for r in rows:
+        if r["family"] == "drill":
+            by_image.setdefault(r["image_id"], []).append(r)
+    assert by_image and all(len(drill) == 4 for drill in by_image.values())
+    for drill in by_image.values():
+        cells = {f"{o['colour']} {o['shape']}": o["cell"] for o in json.loads(drill[0]["scene"])}
+        named = [re.findall(OBJECT_NAME, r["question"]) for r in drill]
+        assert len({frozenset(n) for n in named}) == 1  # one pair of objects
+        for r, (a, b) in zip(drill, named, strict=True):
+            west = cells[a][1] < cells[b][1]
+            assert r["answer"] == ("yes" if west == ("left" in r["question"]) else "no"), r["question"]
+    assert Counter(r["answer"] for d in by_image.values() for r in d) == {"yes": 2 * len(by_image),
+                                                                         "no": 2 * len(by_image)}
+
+
 def test_a_packed_row_computes_exactly_its_single_turn_prompts(tokenizer, rows):
     """Training packs an image's questions after one image prefix; each must see what it would see alone."""
     import torch
@@ -88,7 +118,10 @@ def test_a_packed_row_computes_exactly_its_single_turn_prompts(tokenizer, rows):
     model, processor = make_llava(tokenizer, num_layers=2, hidden_size=128, image_size=48, patch_size=16)
     split = encode_split(rows, tokenizer, processor.image_processor, image_tokens=9)
     conversations = split.conversations()
-    assert len(conversations) == 60 and all(len(c) == 6 for c in conversations)  # 5 families + the caption
+    scenes = [json.loads(r["scene"]) for r in {r["image_id"]: r for r in rows}.values()]
+    drills = [4 * (len({o["cell"][1] for o in scene}) > 1) for scene in scenes]
+    # 5 families, the caption, one locate turn per object and the left/right drill
+    assert [len(c) for c in conversations] == [6 + len(scene) + d for scene, d in zip(scenes, drills, strict=True)]
     turns = [conversations[0][5], conversations[0][3], conversations[0][4]]  # caption first: it must not leak
     eos = tokenizer.eos_token_id
     packed = _batch(split, [turns], tokenizer.pad_token_id, eos, with_answers=True)
@@ -123,13 +156,13 @@ def test_untrained_model_scores_near_chance(tokenizer):
 def test_cell_labels_name_each_cells_object(rows):
     labels = cell_labels(rows)
     scenes = list({r["image_id"]: json.loads(r["scene"]) for r in rows}.values())
-    assert labels.shape == (len(scenes), 9, 3)
+    assert labels.shape == (len(scenes), 9, 5)
     for image, scene in enumerate(scenes):
-        assert (labels[image, :, 0] > 0).sum() == len(scene)  # every other cell is empty
+        assert ((labels[image] > 0).sum(0) == len(scene)).all()  # every other cell is empty
         for o in scene:
-            shape, colour, size = labels[image, o["cell"][0] * 3 + o["cell"][1]].tolist()
-            named = (SHAPES[shape - 1], list(COLOURS)[colour - 1], SIZES[size - 1])
-            assert named == (o["shape"], o["colour"], o["size"])
+            shape, colour, size, row, column = labels[image, o["cell"][0] * 3 + o["cell"][1]].tolist()
+            named = (SHAPES[shape - 1], list(COLOURS)[colour - 1], SIZES[size - 1], row - 1, column - 1)
+            assert named == (o["shape"], o["colour"], o["size"], *o["cell"])
 
 
 def test_vision_warm_up_teaches_the_tower_what_is_in_each_cell(tokenizer):
@@ -141,7 +174,7 @@ def test_vision_warm_up_teaches_the_tower_what_is_in_each_cell(tokenizer):
     train, test = (generate_split(split, data) for split in ("train", "test"))
     pixels = [encode_split(r, tokenizer, processor.image_processor, 9).pixels for r in (train, test)]
     accuracy = warm_up_vision(model, config, (pixels[0], cell_labels(train)), (pixels[1], cell_labels(test)))
-    assert set(accuracy) == {"shape", "colour", "size"}
+    assert set(accuracy) == {"shape", "colour", "size", "row", "column"}
     assert accuracy["colour"] > 0.6 and accuracy["size"] > 0.6  # chance: 1/4 and 1/2 of the occupied cells
 
 
