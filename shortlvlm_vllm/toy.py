@@ -108,12 +108,20 @@ _ROWS, _COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
 CAPTION_WORDS = (*_ROWS, *_COLUMNS, ",")
 
 
+def _name(o: dict) -> str:
+    """A scene object as the questions name it: "red circle"."""
+    return f"{o['colour']} {o['shape']}"
+
+
+def _where(o: dict) -> str:
+    """A scene object's cell in words: "top left"."""
+    return f"{_ROWS[o['cell'][0]]} {_COLUMNS[o['cell'][1]]}"
+
+
 def caption(scene_json: str) -> str:
     """Every object, row by row: "large red circle top left , small blue square middle center"."""
     objects = sorted(json.loads(scene_json), key=lambda o: o["cell"])
-    return " , ".join(
-        f"{o['size']} {o['colour']} {o['shape']} {_ROWS[o['cell'][0]]} {_COLUMNS[o['cell'][1]]}" for o in objects
-    )
+    return " , ".join(f"{o['size']} {_name(o)} {_where(o)}" for o in objects)
 
 
 def with_training_turns(rows: Sequence[dict]) -> list[dict]:
@@ -131,14 +139,14 @@ def with_training_turns(rows: Sequence[dict]) -> list[dict]:
         extra.append({**r, "id": f"{r['image_id']}-caption", "question": CAPTION_QUESTION,
                       "answer": caption(r["scene"]), "family": "caption"})
         extra += [{**r, "id": f"{r['image_id']}-locate-{k}", "question": LOCATE_QUESTION.format(**o),
-                   "answer": f"{_ROWS[o['cell'][0]]} {_COLUMNS[o['cell'][1]]}", "family": "locate"}
+                   "answer": _where(o), "family": "locate"}
                   for k, o in enumerate(objects)]
         pairs = [(a, b) for a in objects for b in objects if a["cell"][1] < b["cell"][1]]
         if pairs:
             west, east = random.Random(r["image_id"]).choice(pairs)  # str seeds are stable across runs
             extra += [{**r, "id": f"{r['image_id']}-drill-{k}", "question": SPATIAL_Q[relation].format(
-                a=f"{a['colour']} {a['shape']}", b=f"{b['colour']} {b['shape']}"), "answer": answer,
-                "family": "drill"} for k, (relation, a, b, answer) in enumerate([
+                a=_name(a), b=_name(b)), "answer": answer, "family": "drill"}
+                for k, (relation, a, b, answer) in enumerate([
                     ("left", west, east, "yes"), ("left", east, west, "no"),
                     ("right", east, west, "yes"), ("right", west, east, "no")])]
     return list(rows) + extra
