@@ -1,0 +1,50 @@
+"""Refactoring changes no weight: fixed prunes of the shipped toy model write the bytes recorded before the layout
+moved into one package per stage (issue 14). A change that alters them on purpose records the new hashes here."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from shortlvlm_vllm.cli import main
+from shortlvlm_vllm.toy import TOY_MODEL_DIR
+
+TOY = str(TOY_MODEL_DIR)
+CALIBRATED = ["--calib", "synthetic", "--num-samples", "32", "--heldout", "0", "--rank", "16"]
+# sha256 of each checkpoint's *.safetensors files, concatenated in name order, as commit 67c8cf8 wrote them.
+RECORDED = {
+    "drop": "09d2b4301cb4bbf6f8ccc9fc864d12468f0b027bba74612db34ee3f93956a364",
+    "tis_scp": "431fdd60dceaf259fda5522ab21df8042873a42346af3e82152f29ab0c796b0c",
+    "w4a16": "02e36cba7cb2f08f6e951a09ce006f5705e754d18136474089e53821d98a1e44",
+    "w4a16_side": "818ba6b5d63dce3062636f2bbf60b86cda9f8178349e82e47acdac74b0a68ded",
+    "tokens": "c8be903098bb9874669799a3032958cbbdca41273dfcd5a42674317a5de2363a",
+}
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("same-bytes")
+    runs = {
+        "drop": ["prune", TOY, "--drop-layers", "3,7", "--compensate", "none"],
+        "tis_scp": ["prune", TOY, "--ratio", "0.3", *CALIBRATED],
+        "w4a16": ["quantize", TOY, "--method", "rtn"],
+        "w4a16_side": ["prune", str(out / "w4a16"), "--ratio", "0.25", *CALIBRATED],
+        "tokens": ["prune", TOY, "--drop-layers", "9", "--visual-tokens", "4", "--compensate", "none"],
+    }
+    for name, argv in runs.items():
+        assert main([*argv, "-o", str(out / name)]) == 0, name
+    return out
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_fixed_prunes_write_the_recorded_bytes(written, name):
+    assert weights_sha256(written / name) == RECORDED[name]
