@@ -46,7 +46,7 @@ setup_quant_env() {
          "llmcompressor==$LLMCOMPRESSOR_VERSION"
      "${uv[@]}" --no-deps -e .)
     local check
-    check=$("$QUANT_VENV/bin/python" -c "import llmcompressor, torchvision, shortlvlm_vllm.quantize_worker; \
+    check=$("$QUANT_VENV/bin/python" -c "import llmcompressor, torchvision, shortlvlm_vllm.quantize.worker; \
 print(llmcompressor.__version__)" 2>&1) || { echo "$check"; exit 1; }
     say "quantization environment ready: llmcompressor ${check##*$'\n'}"
     echo "$WANT" > "$QUANT_STAMP"

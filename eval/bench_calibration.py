@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from shortlvlm_vllm.calibrate import calibration_inputs, run_calibration
-from shortlvlm_vllm.calibration_data import CalibrationSample
-from shortlvlm_vllm.checkpoint import open_checkpoint
-from shortlvlm_vllm.images import demo_image
-from shortlvlm_vllm.localize import parse_candidates
-from shortlvlm_vllm.prune import load_model
+from shortlvlm_vllm.chat import demo_image
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.data.calibration import CalibrationSample, calibration_inputs
+from shortlvlm_vllm.prune.calibrate import run_calibration
+from shortlvlm_vllm.prune.localize import parse_candidates
+from shortlvlm_vllm.prune.pipeline import load_model
 
 
 def _peak_rss_mb() -> float:
@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from shortlvlm_vllm.fixtures import build_tiny_llava
+            from shortlvlm_vllm.tiny_models import build_tiny_llava
 
             model_dir = build_tiny_llava(Path(tmp) / "model", num_layers=args.layers, hidden_size=args.hidden,
                                          image_size=336, patch_size=14, dtype=torch.bfloat16, initializer_range=0.02)

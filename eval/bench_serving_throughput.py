@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
-from shortlvlm_vllm.fixtures import build_tiny_llava
-from shortlvlm_vllm.localize import layers_to_prune
-from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests, write_summary
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.checkpoint.surgery import write_pruned_checkpoint
+from shortlvlm_vllm.evaluation.throughput import replay_on_servers, synthetic_requests, write_summary
+from shortlvlm_vllm.prune.localize import layers_to_prune
+from shortlvlm_vllm.tiny_models import build_tiny_llava
 
 
 def main() -> None:

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from shortlvlm_vllm.checkpoint import open_checkpoint
-from shortlvlm_vllm.fixtures import build_tiny_llava
-from shortlvlm_vllm.prune import PruneRecipe, plan_pruning, write_plan
-from shortlvlm_vllm.throughput import replay_on_servers, synthetic_requests, write_summary
-from shortlvlm_vllm.visual_tokens import image_token_count
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.evaluation.throughput import replay_on_servers, synthetic_requests, write_summary
+from shortlvlm_vllm.prune.compensate import CompensationSettings
+from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
+from shortlvlm_vllm.prune.recipe import PruneRecipe
+from shortlvlm_vllm.serving.visual_tokens import image_token_count
+from shortlvlm_vllm.tiny_models import build_tiny_llava
 
 
 def main() -> None:
@@ -45,7 +47,7 @@ def main() -> None:
         src = open_checkpoint(full)
         num_tokens, vision = image_token_count(src.config), src.config["vision_config"]
         budget = max(1, round(args.fraction * num_tokens))
-        recipe = PruneRecipe(compensate="none", visual_tokens=budget)
+        recipe = PruneRecipe(compensation=CompensationSettings("none"), visual_tokens=budget)
         pruned = write_plan(src, Path(tmp) / f"tokens-{budget}", recipe, plan_pruning(src, recipe))
         requests = synthetic_requests(args.num_prompts, image_size=args.image_size)
         results = replay_on_servers({f"tokens-{budget}": pruned, f"tokens-{num_tokens}": full}, requests, args.output,

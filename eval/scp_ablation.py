@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shortlvlm_vllm.calibrate import run_calibration
-from shortlvlm_vllm.calibration_data import load_calibration
-from shortlvlm_vllm.checkpoint import open_checkpoint
-from shortlvlm_vllm.compensate import SCP_TARGETS, compensate
-from shortlvlm_vllm.localize import layers_to_prune, localize, parse_candidates
-from shortlvlm_vllm.measure import measure_drift
-from shortlvlm_vllm.prune import load_model
-from shortlvlm_vllm.throughput import write_summary
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.data.calibration import load_calibration
+from shortlvlm_vllm.evaluation.throughput import write_summary
+from shortlvlm_vllm.files import portable_name
+from shortlvlm_vllm.prune.calibrate import run_calibration
+from shortlvlm_vllm.prune.compensate import SCP_TARGETS, CompensationSettings, SubspaceCompensation
+from shortlvlm_vllm.prune.drift import measure_drift
+from shortlvlm_vllm.prune.localize import layers_to_prune, localize, parse_candidates
+from shortlvlm_vllm.prune.pipeline import load_model
 
 
 def main() -> None:
@@ -48,17 +49,18 @@ def main() -> None:
     variants = {"none": None}
     for target in SCP_TARGETS:
         for rank in ranks:
-            variants[f"{target} k={rank}"] = compensate(src, pruned, stats.features, rank, target).replaced
+            scp = SubspaceCompensation(CompensationSettings(rank=rank, target=target))
+            variants[f"{target} k={rank}"] = scp.compensate(src, pruned, stats.features).replaced
     drifts = measure_drift(model, processor, src.adapter, heldout, pruned, variants)
 
-    lines = [f"# SCP ablation: {src.name}, {args.localize} {args.ratio:.0%} -> layers {pruned}",
+    lines = [f"# SCP ablation: {portable_name(src.name)}, {args.localize} {args.ratio:.0%} -> layers {pruned}",
              "", f"{len(samples)} calibration samples, {len(heldout)} held-out samples, source {args.calib}.",
              "", "| compensation | KL (nats/token) | last hidden state distance |", "| --- | --- | --- |"]
     lines += [f"| {name} | {d.kl:.5f} | {d.hidden_distance:.4f} |" for name, d in drifts.items()]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "table.md").write_text("\n".join(lines) + "\n")
     write_summary({
-        "model": src.name, "ratio": args.ratio, "localize": args.localize, "pruned": pruned,
+        "model": portable_name(src.name), "ratio": args.ratio, "localize": args.localize, "pruned": pruned,
         "num_samples": len(samples), "heldout": len(heldout), "calib": args.calib,
         "drift": {name: d.as_dict() for name, d in drifts.items()},
     }, args.output)

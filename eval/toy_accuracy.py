@@ -10,18 +10,22 @@ import argparse
 import json
 from pathlib import Path
 
-from shortlvlm_vllm.benchmarks import get_benchmark
-from shortlvlm_vllm.checkpoint import open_checkpoint
-from shortlvlm_vllm.client import Endpoint, run_benchmark
-from shortlvlm_vllm.evaluate import ask_transformers
-from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, plan_pruning, write_plan
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.throughput import write_summary
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.data.calibration import CalibrationSource
+from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
+from shortlvlm_vllm.evaluation.client import Endpoint, run_benchmark
+from shortlvlm_vllm.evaluation.reference import ask_transformers
+from shortlvlm_vllm.evaluation.throughput import write_summary
+from shortlvlm_vllm.files import portable_name
+from shortlvlm_vllm.prune.compensate import CompensationSettings
+from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
+from shortlvlm_vllm.prune.recipe import PruneRecipe
+from shortlvlm_vllm.serving.launcher import VLLMServer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
+    parser.add_argument("model", help="checkpoint directory, or toy (the shipped toy model)")
     parser.add_argument("--questions", type=int, default=1000)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--output", type=Path, default=Path("eval/results/toy_accuracy"))
@@ -34,14 +38,15 @@ def main() -> None:
         replies = ask_transformers(model, items, benchmark.max_tokens)
         return benchmark.score(items, {i.id: benchmark.parse(i, r) for i, r in zip(items, replies, strict=True)})
 
-    results: dict = {"model": args.model, "questions": len(items), "ratio": args.ratio}
-    with VLLMServer(args.model, log_path=args.output / "vllm.log", served_model_name="model") as server:
+    src = open_checkpoint(args.model)
+    results: dict = {"model": portable_name(args.model), "questions": len(items), "ratio": args.ratio}
+    with VLLMServer(src.path, log_path=args.output / "vllm.log", served_model_name="model") as server:
         results["full_vllm"] = run_benchmark(Endpoint(server.base_url, "model", server.api_key), benchmark,
                                              args.output / "vllm-records", limit=args.questions)
-    results["full_transformers"] = transformers_scores(args.model)
-    src = open_checkpoint(args.model)
+    results["full_transformers"] = transformers_scores(src.path)
     for compensation in ("none", "scp"):
-        recipe = PruneRecipe(ratio=args.ratio, compensate=compensation, calibration=CalibrationSource("synthetic"))
+        recipe = PruneRecipe(ratio=args.ratio, compensation=CompensationSettings(compensation),
+                             calibration=CalibrationSource("synthetic"))
         plan = plan_pruning(src, recipe)
         pruned = write_plan(src, args.output / f"pruned-{compensation}", recipe, plan, overwrite=True)
         results[f"pruned_{compensation}_transformers"] = transformers_scores(pruned)

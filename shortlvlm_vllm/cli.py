@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -21,11 +22,29 @@ def _layer_list(text: str) -> list[int]:
         ) from None
 
 
-def _add_prune(sub: argparse._SubParsersAction) -> None:
-    from shortlvlm_vllm.compensate import SCP_TARGETS
-    from shortlvlm_vllm.localize import LOCALIZERS
-    from shortlvlm_vllm.prune import COMPENSATIONS
+# prune flag -> (where in the recipe it goes, its default), the defaults read from the recipe's dataclasses
+def _prune_flags() -> dict[str, tuple[str, object]]:
+    from shortlvlm_vllm.data.calibration import CalibrationSource
+    from shortlvlm_vllm.prune.compensate import CompensationSettings
+    from shortlvlm_vllm.prune.recipe import PruneRecipe
 
+    recipe, cal, comp = PruneRecipe(), CalibrationSource(""), CompensationSettings()
+    flags = {name: (name, getattr(recipe, name)) for name in
+             ("ratio", "drop_layers", "localize", "candidates", "top_p", "force", "visual_tokens", "revision")}
+    flags |= {"compensate": ("compensation.method", None), "rank": ("compensation.rank", comp.rank),
+              "scp_target": ("compensation.target", comp.target), "calib": ("calibration.source", None)}
+    flags |= {name: (f"calibration.{name}", getattr(cal, name)) for name in
+              ("num_samples", "heldout", "image_root", "split", "image_column", "question_column", "answer_column")}
+    flags["seed"] = ("seed", recipe.seed)  # also the calibration draw's seed
+    return flags
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from shortlvlm_vllm.prune.compensate import COMPENSATORS, SCP_TARGETS
+    from shortlvlm_vllm.prune.localize import LOCALIZERS
+    from shortlvlm_vllm.prune.recipe import RECIPE_NAME
+
+    defaults = {name: default for name, (_, default) in _prune_flags().items()}
     p = sub.add_parser(
         "prune",
         help="remove redundant decoder layers (Short-LVLM) and write a compensated checkpoint",
@@ -33,72 +52,102 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "remove them, fold Subspace-Compensated Pruning into the kept layers, and write a checkpoint that "
         "stock transformers and vLLM load. With --drop-layers the layers are named instead of found. A W4A16 "
         "(compressed-tensors) source is calibrated on its dequantized weights and keeps SCP unfused, as bfloat16 side "
-        "paths that the plugin's registered model class applies.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        f"paths that the plugin's registered model class applies. The flags build a recipe, saved as {RECIPE_NAME} "
+        "in the output; --recipe replays one.",
     )
-    p.add_argument("model", help="source checkpoint: a local directory or a Hugging Face Hub id")
+
+    def add(group, flag: str, help: str, **kwargs) -> None:
+        name = flag.removeprefix("--").replace("-", "_")
+        default = defaults[name]
+        shown = "" if default in (None, False) else f" (default: {default})"
+        group.add_argument(flag, help=help + shown, default=None, **kwargs)
+
+    p.add_argument("model", nargs="?", help="source checkpoint: a local directory, a Hugging Face Hub id, or toy "
+                   "(the shipped toy model); with --recipe, replaces the recipe's model")
     p.add_argument("-o", "--output", type=Path, help="directory to write (not needed with --dry-run)")
+    p.add_argument("--recipe", type=Path, help=f"prune as this recipe says (a {RECIPE_NAME} that prune wrote, or "
+                   "your own YAML); no other algorithm or calibration flag with it")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, e.g. 0.3")
-    what.add_argument("--drop-layers", type=_layer_list, metavar="I,J,...",
-                      help="remove these decoder layers (0-based, original numbering), e.g. 3,5")
+    add(what, "--ratio", "fraction of decoder layers to remove, e.g. 0.3", type=float)
+    add(what, "--drop-layers", "remove these decoder layers (0-based, original numbering), e.g. 3,5",
+        type=_layer_list, metavar="I,J,...")
     cal = p.add_argument_group("calibration data")
-    cal.add_argument("--calib", help="a LLaVA conversation file (.json/.jsonl), a datasets directory or hub id")
-    cal.add_argument("--image-root", help="directory the LLaVA file's image paths are relative to "
-                     "(default: the file's directory)")
-    cal.add_argument("--num-samples", type=int, default=256, help="calibration samples drawn with --seed")
-    cal.add_argument("--heldout", type=int, default=16,
-                     help="further samples, not calibrated on, to measure the pruned model's drift (0: skip)")
-    cal.add_argument("--split", default="train", help="datasets split")
-    cal.add_argument("--image-column", default="image")
-    cal.add_argument("--question-column", default="question")
-    cal.add_argument("--answer-column", default="answer")
+    add(cal, "--calib", "a LLaVA conversation file (.json/.jsonl), a datasets directory or hub id, or synthetic "
+        "(the project's generated VQA set)")
+    add(cal, "--image-root", "directory the LLaVA file's image paths are relative to (default: the file's directory)")
+    add(cal, "--num-samples", "calibration samples drawn with --seed", type=int)
+    add(cal, "--heldout", "further samples, not calibrated on, to measure the pruned model's drift (0: skip)", type=int)
+    add(cal, "--split", "datasets split")
+    add(cal, "--image-column", "datasets column holding the image")
+    add(cal, "--question-column", "datasets column holding the question")
+    add(cal, "--answer-column", "datasets column holding the reference answer")
     alg = p.add_argument_group("algorithm")
-    alg.add_argument("--localize", default="tis", choices=list(LOCALIZERS), help="how to find redundant layers")
-    alg.add_argument("--candidates", help="layers that may be pruned, e.g. 16-31 or 3,5,10-12 "
-                     "(default: the second half)")
-    alg.add_argument("--top-p", type=float, default=0.10, help="fraction of vision+text tokens TIS keeps")
-    alg.add_argument("--compensate", choices=COMPENSATIONS,
-                     help="scp (Subspace-Compensated Pruning) or none (default: scp with --calib, else none)")
-    alg.add_argument("--rank", type=int, default=64, help="SCP subspace rank k")
-    alg.add_argument("--scp-target", default="down_proj", choices=list(SCP_TARGETS),
-                     help="which kept-layer weights absorb the compensation")
-    alg.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and --localize random")
-    alg.add_argument("--force", action="store_true", help="allow --ratio above 0.5")
-    alg.add_argument("--visual-tokens", type=int, metavar="K",
-                     help="keep K visual tokens per image (VisionZip-style, chosen before the language model); "
-                     "the checkpoint then names the plugin's model class. Alone, or with --ratio/--drop-layers")
+    add(alg, "--localize", "how to find redundant layers", choices=list(LOCALIZERS))
+    add(alg, "--candidates", "layers that may be pruned, e.g. 16-31 or 3,5,10-12 (default: the second half)")
+    add(alg, "--top-p", "fraction of vision+text tokens TIS keeps", type=float)
+    add(alg, "--compensate", "how the removed layers are compensated (default: scp with --calib, else none)",
+        choices=list(COMPENSATORS))
+    add(alg, "--rank", "SCP subspace rank k", type=int)
+    add(alg, "--scp-target", "which kept-layer weights absorb the compensation", choices=list(SCP_TARGETS))
+    add(alg, "--seed", "seed for sampling calibration data and --localize random", type=int)
+    add(alg, "--force", "allow --ratio above 0.5", action="store_const", const=True)
+    add(alg, "--visual-tokens", "keep K visual tokens per image (VisionZip-style, chosen before the language model); "
+        "the checkpoint then names the plugin's model class. Alone, or with --ratio/--drop-layers",
+        type=int, metavar="K")
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (several GPUs: device_map)")
-    run.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    run.add_argument("--revision", help="hub revision (branch, tag or commit) of the source")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (several GPUs: device_map) "
+                     "(default: %(default)s)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="calibration dtype (default: %(default)s)")
+    add(run, "--revision", "hub revision (branch, tag or commit) of the source")
     run.add_argument("--dry-run", action="store_true", help="print which layers would go and why; write nothing")
     run.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_run_prune)
 
 
+def prune_recipe_from_args(args: argparse.Namespace):
+    """The recipe the prune flags spell (or --recipe holds); a flag beside --recipe is refused by name."""
+    from shortlvlm_vllm.data.calibration import CalibrationSource
+    from shortlvlm_vllm.prune.compensate import CompensationSettings
+    from shortlvlm_vllm.prune.recipe import PruneRecipe, load_recipe
+
+    flags = _prune_flags()
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    if args.recipe is not None:
+        if given:
+            flags_given = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ShortLVLMError(f"--recipe holds the settings: drop {flags_given}, or edit the recipe.")
+        recipe = load_recipe(args.recipe)
+        return recipe if args.model is None else dataclasses.replace(recipe, model=args.model)
+    if args.model is None:
+        raise ShortLVLMError("name the source checkpoint (MODEL), or pass --recipe.")
+    value = {name: given.get(name, default) for name, (_, default) in flags.items()}
+    removes_layers = value["ratio"] is not None or value["drop_layers"] is not None
+    calibration = None
+    if value["calib"]:
+        calibration = CalibrationSource(value["calib"], **{name: value[name] for name, (path, _) in flags.items()
+                                                           if path.startswith("calibration.") and name != "calib"},
+                                        seed=value["seed"])
+    method = value["compensate"] or ("scp" if calibration and removes_layers else "none")
+    return PruneRecipe(
+        model=args.model, revision=value["revision"], ratio=value["ratio"], drop_layers=value["drop_layers"],
+        localize=value["localize"], candidates=value["candidates"], top_p=value["top_p"], seed=value["seed"],
+        force=value["force"], compensation=CompensationSettings(method, value["rank"], value["scp_target"]),
+        calibration=calibration, visual_tokens=value["visual_tokens"],
+    )
+
+
 def _run_prune(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.checkpoint import check_output_dir, open_checkpoint
-    from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, describe_plan, plan_pruning, write_plan
+    from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+    from shortlvlm_vllm.files import check_output_dir
+    from shortlvlm_vllm.prune.pipeline import describe_plan, plan_pruning, write_plan
 
     if args.output is None and not args.dry_run:
         raise ShortLVLMError("-o/--output is required (or --dry-run to only print the plan).")
+    recipe = prune_recipe_from_args(args)
+    src = open_checkpoint(recipe.model, recipe.revision)
     if args.output is not None and not args.dry_run:
-        check_output_dir(args.output, args.overwrite)
-    calibration = None
-    removes_layers = args.ratio is not None or args.drop_layers is not None
-    if args.calib:
-        calibration = CalibrationSource(
-            args.calib, args.num_samples, args.heldout, args.seed, args.image_root, args.split,
-            args.image_column, args.question_column, args.answer_column,
-        )
-    recipe = PruneRecipe(
-        ratio=args.ratio, drop_layers=args.drop_layers, localize=args.localize, candidates=args.candidates,
-        top_p=args.top_p, compensate=args.compensate or ("scp" if args.calib and removes_layers else "none"),
-        rank=args.rank, scp_target=args.scp_target, seed=args.seed, force=args.force, calibration=calibration,
-        visual_tokens=args.visual_tokens,
-    )
-    src = open_checkpoint(args.model, args.revision)
+        check_output_dir(args.output, args.overwrite, src.protected)
     plan = plan_pruning(src, recipe, args.device, args.dtype)
     print(describe_plan(src, recipe, plan))
     if args.dry_run:
@@ -106,14 +155,14 @@ def _run_prune(args: argparse.Namespace) -> int:
         return 0
     dst = write_plan(src, args.output, recipe, plan, overwrite=args.overwrite)
     print(f"wrote {dst}: {src.num_layers - len(plan.pruned)} of {src.num_layers} decoder layers "
-          f"(removed {', '.join(map(str, plan.pruned)) or 'none'}; compensation: {recipe.compensate})"
+          f"(removed {', '.join(map(str, plan.pruned)) or 'none'}; compensation: {recipe.compensation.method})"
           + (f"; {recipe.visual_tokens} visual tokens per image" if recipe.visual_tokens is not None else ""))
     print(f"serve it with: shortlvlm serve {dst}")
     return 0
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from shortlvlm_vllm.quantize import GROUP_SIZES, METHODS, QUANT_PYTHON_ENV, SCHEMES
+    from shortlvlm_vllm.quantize.driver import GROUP_SIZES, METHODS, QUANT_PYTHON_ENV, SCHEMES
 
     p = sub.add_parser(
         "quantize",
@@ -150,8 +199,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.prune import CalibrationSource
-    from shortlvlm_vllm.quantize import QuantizeRecipe, quantize_checkpoint
+    from shortlvlm_vllm.data.calibration import CalibrationSource
+    from shortlvlm_vllm.quantize.driver import QuantizeRecipe, quantize_checkpoint
 
     calibration = None
     if args.method != "rtn" or args.calib:  # rtn is data-free; quantize_checkpoint says so if --calib is given
@@ -173,7 +222,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Run vLLM's OpenAI-compatible server (the module behind `vllm serve`, which "
         "also works with the CPU build). Arguments after `--` go to vLLM unchanged.",
     )
-    p.add_argument("model", help="checkpoint directory or hub id")
+    p.add_argument("model", help="checkpoint directory, hub id, or toy (the shipped toy model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
@@ -187,11 +236,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.serve import server_command, server_env
+    from shortlvlm_vllm.checkpoint.hub import SHIPPED_MODELS, is_hub_id
+    from shortlvlm_vllm.serving.launcher import server_command, server_env
 
-    if ("/" not in args.model or args.model.startswith((".", "/", "~"))) and not Path(args.model).is_dir():
-        raise ShortLVLMError(f"model {args.model} not found: no such directory.")
-    cmd = server_command(args.model, host=args.host, port=args.port, api_key=args.api_key,
+    model = args.model
+    if not Path(model).is_dir():
+        if model in SHIPPED_MODELS:
+            model = str(SHIPPED_MODELS[model])
+        elif not is_hub_id(model):
+            raise ShortLVLMError(f"model {model} not found: no such directory, and it is not a hub id.")
+    cmd = server_command(model, host=args.host, port=args.port, api_key=args.api_key,
                          max_model_len=args.max_model_len, dtype=args.dtype,
                          served_model_name=args.served_model_name,
                          enforce_eager=args.enforce_eager, extra_args=args.passthrough)
@@ -237,7 +291,7 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.fixtures import build_tiny_llava
+    from shortlvlm_vllm.tiny_models import build_tiny_llava
 
     out = build_tiny_llava(args.output, num_layers=args.layers, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -245,7 +299,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
 
 
 def _add_train_toy(sub: argparse._SubParsersAction) -> None:
-    from shortlvlm_vllm.toy import ToyTrainingConfig
+    from shortlvlm_vllm.toy.training import ToyTrainingConfig
 
     p = sub.add_parser(
         "train-toy",
@@ -261,14 +315,14 @@ def _add_train_toy(sub: argparse._SubParsersAction) -> None:
     for name in names:
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
-                       help="see shortlvlm_vllm.toy.ToyTrainingConfig")
+                       help="see shortlvlm_vllm.toy.training.ToyTrainingConfig")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_train_toy, config_names=names)
 
 
 def _run_train_toy(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.checkpoint import check_output_dir
-    from shortlvlm_vllm.toy import ToyTrainingConfig, train_toy_model
+    from shortlvlm_vllm.files import check_output_dir
+    from shortlvlm_vllm.toy.training import ToyTrainingConfig, train_toy_model
 
     check_output_dir(args.output, args.overwrite)
     torch_threads = os.environ.get("OMP_NUM_THREADS")
@@ -317,8 +371,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.benchmarks import get_benchmark
-    from shortlvlm_vllm.client import ClientConfig, Endpoint, run_benchmark
+    from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
+    from shortlvlm_vllm.evaluation.client import ClientConfig, Endpoint, run_benchmark
 
     config = ClientConfig(concurrency=args.concurrency, timeout_s=args.timeout, max_retries=args.max_retries)
     scores = run_benchmark(Endpoint(args.base_url, args.model, args.api_key), get_benchmark(args.benchmark),
@@ -359,13 +413,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.client import Endpoint
-    from shortlvlm_vllm.throughput import describe, requests_from_items, run_throughput, synthetic_requests
+    from shortlvlm_vllm.evaluation.client import Endpoint
+    from shortlvlm_vllm.evaluation.throughput import describe, requests_from_items, run_throughput, synthetic_requests
 
     if args.data and not args.benchmark:
         raise ShortLVLMError("--data names a copy of a benchmark; say which one with --benchmark.")
     if args.benchmark:
-        from shortlvlm_vllm.benchmarks import get_benchmark
+        from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
 
         requests = requests_from_items(get_benchmark(args.benchmark).load(args.data, args.num_prompts, args.seed))
     else:
@@ -395,7 +449,7 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_matrix(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.matrix import Matrix, load_config
+    from shortlvlm_vllm.evaluation.matrix import Matrix, load_config
 
     config = load_config(args.config)
     print(f"{len(config.arms)} arms: {', '.join(arm.name for arm in config.arms)}", flush=True)

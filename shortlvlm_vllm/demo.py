@@ -7,12 +7,13 @@ import shutil
 import time
 from pathlib import Path
 
-from shortlvlm_vllm.benchmarks import Benchmark, get_benchmark
-from shortlvlm_vllm.checkpoint import open_checkpoint
-from shortlvlm_vllm.client import RECORDS_NAME, Endpoint, load_records, run_benchmark
-from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, describe_plan, plan_pruning, write_plan
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.toy import TOY_MODEL_DIR
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.data.calibration import CalibrationSource
+from shortlvlm_vllm.evaluation.benchmarks import Benchmark, get_benchmark
+from shortlvlm_vllm.evaluation.client import RECORDS_NAME, Endpoint, load_records, run_benchmark
+from shortlvlm_vllm.prune.pipeline import describe_plan, plan_pruning, write_plan
+from shortlvlm_vllm.prune.recipe import PruneRecipe
+from shortlvlm_vllm.serving.launcher import VLLMServer
 
 
 def _serve_and_ask(model_dir: Path, name: str, benchmark: Benchmark, limit: int,
@@ -29,28 +30,15 @@ def _serve_and_ask(model_dir: Path, name: str, benchmark: Benchmark, limit: int,
     return scores, load_records(out / RECORDS_NAME), asked
 
 
-def _default_model(workdir: Path) -> str:
-    """The shipped toy LLaVA; without it, a tiny random-weight LLaVA (its answers are noise)."""
-    if (TOY_MODEL_DIR / "config.json").is_file():
-        print(f"[demo] model: the project's toy LLaVA, trained on the synthetic VQA set ({TOY_MODEL_DIR})")
-        return str(TOY_MODEL_DIR)
-    from shortlvlm_vllm.fixtures import build_tiny_llava
-
-    tiny = workdir / "tiny-llava"
-    if not (tiny / "config.json").is_file():
-        build_tiny_llava(tiny)
-    print(f"[demo] model: a tiny random-weight LLaVA ({tiny}); no trained toy model is shipped in this version, "
-          "so the answers are noise and the accuracy is chance")
-    return str(tiny)
-
-
 def run_demo(
     model: str | None, workdir: Path, ratio: float = 0.3, calib: str = "synthetic", num_questions: int = 100
 ) -> None:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    src = open_checkpoint(model or _default_model(workdir))
-    recipe = PruneRecipe(ratio=ratio, calibration=CalibrationSource(calib))
+    recipe = PruneRecipe(model=model or "toy", ratio=ratio, calibration=CalibrationSource(calib))
+    if model is None:
+        print("[demo] model: toy, the project's LLaVA trained on the synthetic VQA set (shipped with the package)")
+    src = open_checkpoint(recipe.model)
     print(f"[demo] pruning {ratio:.0%} of {src.num_layers} decoder layers with Short-LVLM (TIS + SCP), "
           f"calibrated on {calib}", flush=True)
     plan = plan_pruning(src, recipe)

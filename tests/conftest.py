@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.checkpoint.surgery import write_pruned_checkpoint
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.fixtures import build_tiny_llava, build_tiny_qwen_vl
-from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, plan_pruning, write_plan
+from shortlvlm_vllm.data.calibration import CalibrationSource
+from shortlvlm_vllm.prune.compensate import CompensationSettings
+from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
+from shortlvlm_vllm.prune.recipe import PruneRecipe
+from shortlvlm_vllm.tiny_models import build_tiny_llava
+from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 DROPPED = [3, 5]
 ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl")
@@ -67,7 +72,8 @@ def llava_calib(tmp_path_factory) -> Path:
 def scp_pruned_llava(tiny_llava, llava_calib, tmp_path_factory) -> Path:
     """The tiny LLaVA pruned 25% by TIS with SCP folded in."""
     src = open_checkpoint(tiny_llava)
-    recipe = PruneRecipe(ratio=0.25, rank=16, calibration=CalibrationSource(str(llava_calib), num_samples=24))
+    recipe = PruneRecipe(ratio=0.25, compensation=CompensationSettings(rank=16),
+                         calibration=CalibrationSource(str(llava_calib), num_samples=24))
     return write_plan(src, tmp_path_factory.mktemp("models") / "tiny-llava-tis-scp", recipe, plan_pruning(src, recipe))
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import datasets
 import pytest
 
-from shortlvlm_vllm.benchmarks import BENCHMARKS, Item, get_benchmark
-from shortlvlm_vllm.benchmarks.extract import extract_choice, extract_yes_no
-from shortlvlm_vllm.benchmarks.metrics import yes_no_metrics
-from shortlvlm_vllm.benchmarks.schema_fixtures import picture, write_fixture
-from shortlvlm_vllm.benchmarks.synthetic import Synthetic
+from shortlvlm_vllm.data.synthetic import SyntheticConfig, generate_split
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.synthetic import SyntheticConfig, generate_split
+from shortlvlm_vllm.evaluation.benchmarks import BENCHMARKS, Item, get_benchmark
+from shortlvlm_vllm.evaluation.benchmarks.extract import extract_choice, extract_yes_no
+from shortlvlm_vllm.evaluation.benchmarks.metrics import yes_no_metrics
+from shortlvlm_vllm.evaluation.benchmarks.synthetic import Synthetic
+from tests.benchmark_fixtures import picture, write_fixture
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT = "Answer the question using a single word or phrase."

@@ -9,21 +9,28 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shortlvlm_vllm.adapters import adapter_for_config
-from shortlvlm_vllm.calibrate import (
+from shortlvlm_vllm.data.calibration import CalibrationSample, calibration_inputs
+from shortlvlm_vllm.prune.calibrate import (
     TokenLayout,
     _Accumulator,
     _hooks,
     _SampleRecorder,
-    calibration_inputs,
     run_calibration,
     select_top_tokens,
+    tis_from_sums,
     token_importance_chunked,
-    token_importance_dense,
 )
-from shortlvlm_vllm.calibration_data import CalibrationSample
-from shortlvlm_vllm.localize import LOCALIZERS
+from shortlvlm_vllm.prune.localize import LOCALIZERS
 
 from .conftest import IMAGE_SIZES, random_image
+
+
+def token_importance_dense(attention: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """TIS from a full [T, T] head-averaged attention matrix: the reference the chunked form is checked against."""
+    a = attention.to(torch.float64)
+    return tis_from_sums(
+        layout, a[layout.visual].sum(0), a[layout.text].sum(0), a[:, layout.visual].sum(1)
+    )
 
 IMG = 9
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from shortlvlm_vllm.calibration_data import CalibrationSample, load_calibration
+from shortlvlm_vllm.data.calibration import CalibrationSample, load_calibration
 from shortlvlm_vllm.errors import ShortLVLMError
 
 from .conftest import random_image
@@ -111,7 +111,7 @@ def test_sampling_is_deterministic_per_seed(llava_json, caplog):
 
 
 def test_more_samples_than_available_takes_all_with_warning(llava_json, caplog):
-    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.calibration_data"):
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.data.calibration"):
         samples = load_calibration(llava_json, num_samples=50)
     assert len(samples) == 6
     assert "has 6 samples with images, fewer than the 50 asked for" in caplog.text

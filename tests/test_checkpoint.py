@@ -12,16 +12,18 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from shortlvlm_vllm import checkpoint as ckpt
-from shortlvlm_vllm import safetensors_io
 from shortlvlm_vllm.adapters import adapter_for_config
-from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
+from shortlvlm_vllm.chat import template_image_turn
+from shortlvlm_vllm.checkpoint import safetensors_io
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.checkpoint.safetensors_io import read_header
+from shortlvlm_vllm.checkpoint.surgery import write_pruned_checkpoint
+from shortlvlm_vllm.checkpoint.writer import INDEX_NAME
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_tiny_llava, build_tiny_qwen_vl
-from shortlvlm_vllm.images import template_image_turn
-from shortlvlm_vllm.measure import pruned_view
-from shortlvlm_vllm.safetensors_io import read_header
+from shortlvlm_vllm.prune.drift import pruned_view
+from shortlvlm_vllm.tiny_models import build_tiny_llava
+from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 from .conftest import DROPPED, IMAGE_SIZES, random_image
 
@@ -143,7 +145,7 @@ def test_sharded_source_and_layer_count_from_weights(tmp_path, tiny_llava, prune
     src = open_checkpoint(sharded)
     assert len(src.shards) > 2 and src.num_layers == 8
     out = write_pruned_checkpoint(src, tmp_path / "out", DROPPED)
-    index = json.loads((out / ckpt.INDEX_NAME).read_text())
+    index = json.loads((out / INDEX_NAME).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert files == sorted(p.name for p in out.glob("*.safetensors"))
     assert index["metadata"]["total_size"] == sum(

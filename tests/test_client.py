@@ -17,9 +17,10 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from shortlvlm_vllm.benchmarks.base import Benchmark, Item
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.client import (
+from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.evaluation.benchmarks.base import Benchmark, Item
+from shortlvlm_vllm.evaluation.client import (
     RECORDS_NAME,
     SCORES_NAME,
     ClientConfig,
@@ -28,9 +29,7 @@ from shortlvlm_vllm.client import (
     load_records,
     run_benchmark,
 )
-from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.serve import free_port
-from shortlvlm_vllm.throughput import (
+from shortlvlm_vllm.evaluation.throughput import (
     RequestTiming,
     arrival_offsets,
     describe,
@@ -38,6 +37,7 @@ from shortlvlm_vllm.throughput import (
     summarize,
     synthetic_requests,
 )
+from shortlvlm_vllm.serving.launcher import free_port
 
 FAST = ClientConfig(concurrency=4, timeout_s=5.0, max_retries=3, backoff_s=0.01, max_backoff_s=0.05)
 IMAGE = Image.new("RGB", (16, 16), "red")
@@ -206,7 +206,7 @@ def test_run_writes_one_record_per_item_and_scores(server, tmp_path):
 def test_transient_failures_are_retried_and_counted_once(server, tmp_path, caplog, fault):
     server.faults = {"q3": [fault, fault]}
     config = ClientConfig(concurrency=4, timeout_s=0.5, max_retries=3, backoff_s=0.01)
-    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.client"):
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.evaluation.client"):
         scores = run_benchmark(server.endpoint, YesNo(), tmp_path, config=config)
     assert server.calls["q3"] == 3
     assert scores == {"accuracy": 1.0}
@@ -256,7 +256,7 @@ def test_truncated_last_line_is_dropped_and_its_request_asked_again(server, tmp_
     text = records.read_text()
     records.write_text(text + '{"id": "q5", "prompt": "[q5] Is th')  # the run writing q5's record was killed
     server.calls.clear()
-    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.client"):
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.evaluation.client"):
         assert run_benchmark(server.endpoint, YesNo(size=12), tmp_path, config=FAST) == {"accuracy": 1.0}
     assert any("truncated last line" in m for m in caplog.messages)
     assert sorted(_ids(records)) == sorted(f"q{i}" for i in range(12))
@@ -377,7 +377,7 @@ def test_throughput_counts_failures_and_refuses_a_dead_server(server):
 
 
 def test_cli_eval_and_bench(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("shortlvlm_vllm.benchmarks.get_benchmark", lambda name: YesNo(), raising=False)
+    monkeypatch.setattr("shortlvlm_vllm.evaluation.benchmarks.get_benchmark", lambda name: YesNo(), raising=False)
     url = server.endpoint.base_url
     assert main(["eval", "yesno", "--base-url", url, "--model", "fake", "--limit", "6",
                  "--concurrency", "3", "-o", str(tmp_path / "eval")]) == 0

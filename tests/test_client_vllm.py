@@ -17,13 +17,13 @@ from collections import defaultdict
 
 import pytest
 
-from shortlvlm_vllm import client as client_module
-from shortlvlm_vllm.benchmarks import Synthetic
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.client import RECORDS_NAME, SCORES_NAME, ClientConfig, Endpoint, ask_items, run_benchmark
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.throughput import run_throughput, synthetic_requests
+from shortlvlm_vllm.evaluation import client as client_module
+from shortlvlm_vllm.evaluation.benchmarks import Synthetic
+from shortlvlm_vllm.evaluation.client import RECORDS_NAME, SCORES_NAME, ClientConfig, Endpoint, ask_items, run_benchmark
+from shortlvlm_vllm.evaluation.throughput import run_throughput, synthetic_requests
+from shortlvlm_vllm.serving.launcher import VLLMServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3000)]  # a start or restart can take 10 minutes on a busy CPU
 MODEL = "tiny"
@@ -136,7 +136,7 @@ def test_server_killed_mid_run_loses_and_repeats_no_request(server, endpoint, tm
 
     monkeypatch.setattr(client_module, "with_retries", counting)
     dir_a, dir_b = tmp_path / "patient", tmp_path / "impatient"
-    caplog.set_level(logging.INFO, logger="shortlvlm_vllm.client")
+    caplog.set_level(logging.INFO, logger="shortlvlm_vllm.evaluation.client")
     with _background_loop() as loop:
         run_a = asyncio.run_coroutine_threadsafe(
             ask_items(endpoint, benchmark, items, dir_a / RECORDS_NAME, patient), loop)

@@ -7,11 +7,20 @@ import logging
 import pytest
 import torch
 
-from shortlvlm_vllm.checkpoint import open_checkpoint, write_pruned_checkpoint
-from shortlvlm_vllm.compensate import SCP_TARGETS, compensate, fold_input, fold_output, pair_layers, scp_basis
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.checkpoint.safetensors_io import load_tensor
+from shortlvlm_vllm.checkpoint.surgery import write_pruned_checkpoint
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_tiny_llava
-from shortlvlm_vllm.safetensors_io import load_tensor
+from shortlvlm_vllm.prune.compensate import (
+    SCP_TARGETS,
+    CompensationSettings,
+    SubspaceCompensation,
+    fold_input,
+    fold_output,
+    pair_layers,
+    scp_basis,
+)
+from shortlvlm_vllm.tiny_models import build_tiny_llava
 
 NUM_LAYERS, NUM_SAMPLES, HIDDEN = 8, 20, 128
 LAYER_KEY = "language_model.model.layers.{}.{}"
@@ -47,7 +56,7 @@ def test_pair_walks_pruned_layers_in_ascending_order():
 
 
 def test_pair_none_left_goes_uncompensated_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.compensate"):
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.prune.compensate"):
         assert pair_layers([1, 2, 3], 4) == {1: 0, 2: None, 3: None}
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 2 and "pruned layer 2" in warned[0] and "uncompensated" in warned[0]
@@ -159,7 +168,7 @@ def original(src, layer: int, role: str) -> torch.Tensor:
 
 def test_compensate_down_proj(bf16_llava, features):
     src = open_checkpoint(bf16_llava)
-    comp = compensate(src, [5, 3], features, rank=8)
+    comp = SubspaceCompensation(CompensationSettings(rank=8)).compensate(src, [5, 3], features)
     assert comp.pairs == {3: 2, 5: 4}
     assert set(comp.replaced) == {LAYER_KEY.format(r, WEIGHTS["down_proj"]) for r in (2, 4)}
     assert set(comp.bases) == {2, 4}
@@ -176,7 +185,7 @@ def test_compensate_down_proj(bf16_llava, features):
 
 def test_compensate_down_proj_and_o_proj(bf16_llava, features):
     src = open_checkpoint(bf16_llava)
-    comp = compensate(src, [3], features, rank=4, target="down_proj+o_proj")
+    comp = SubspaceCompensation(CompensationSettings(rank=4, target="down_proj+o_proj")).compensate(src, [3], features)
     assert set(comp.replaced) == {LAYER_KEY.format(2, WEIGHTS[role]) for role in ("down_proj", "o_proj")}
     for role in ("down_proj", "o_proj"):
         after = comp.replaced[LAYER_KEY.format(2, WEIGHTS[role])]
@@ -185,7 +194,7 @@ def test_compensate_down_proj_and_o_proj(bf16_llava, features):
 
 def test_compensate_inputs_edits_the_input_side(bf16_llava, features):
     src = open_checkpoint(bf16_llava)
-    comp = compensate(src, [6], features, rank=4, target="inputs")
+    comp = SubspaceCompensation(CompensationSettings(rank=4, target="inputs")).compensate(src, [6], features)
     roles = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     assert comp.pairs == {6: 5}
     assert set(comp.replaced) == {LAYER_KEY.format(5, WEIGHTS[role]) for role in roles}
@@ -198,8 +207,8 @@ def test_compensate_inputs_edits_the_input_side(bf16_llava, features):
 
 def test_compensate_skips_unpaired_layers(bf16_llava, features, caplog):
     src = open_checkpoint(bf16_llava)
-    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.compensate"):
-        comp = compensate(src, [2, 3, 4, 5, 6], features, rank=2)
+    with caplog.at_level(logging.WARNING, logger="shortlvlm_vllm.prune.compensate"):
+        comp = SubspaceCompensation(CompensationSettings(rank=2)).compensate(src, [2, 3, 4, 5, 6], features)
     assert comp.pairs == {2: 1, 3: 0, 4: 7, 5: None, 6: None}
     assert set(comp.bases) == {0, 1, 7}
     assert set(comp.replaced) == {LAYER_KEY.format(r, WEIGHTS["down_proj"]) for r in (0, 1, 7)}
@@ -208,7 +217,7 @@ def test_compensate_skips_unpaired_layers(bf16_llava, features, caplog):
 
 def test_compensated_weights_fit_the_checkpoint_writer(bf16_llava, features, tmp_path):
     src = open_checkpoint(bf16_llava)
-    comp = compensate(src, [3, 5], features, rank=8)
+    comp = SubspaceCompensation(CompensationSettings(rank=8)).compensate(src, [3, 5], features)
     out = open_checkpoint(write_pruned_checkpoint(src, tmp_path / "pruned", [3, 5], replaced=comp.replaced))
     # Layer 4 of the source is layer 3 after pruning layer 3.
     written = load_tensor(out.tensor_info(LAYER_KEY.format(3, WEIGHTS["down_proj"])))
@@ -217,5 +226,6 @@ def test_compensated_weights_fit_the_checkpoint_writer(bf16_llava, features, tmp
 
 def test_compensate_unknown_target_lists_options(bf16_llava, features):
     with pytest.raises(ShortLVLMError, match="unknown SCP target 'mlp'") as info:
-        compensate(open_checkpoint(bf16_llava), [3], features, rank=4, target="mlp")
+        SubspaceCompensation(CompensationSettings(rank=4, target="mlp")).compensate(
+            open_checkpoint(bf16_llava), [3], features)
     assert all(name in str(info.value) for name in SCP_TARGETS)

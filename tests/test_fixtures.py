@@ -8,8 +8,9 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from shortlvlm_vllm.fixtures import build_tiny_llava, build_tiny_qwen_vl
-from shortlvlm_vllm.images import template_image_turn
+from shortlvlm_vllm.chat import template_image_turn
+from shortlvlm_vllm.tiny_models import build_tiny_llava
+from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.localize import (
-    LOCALIZERS,
-    LayerStatistics,
-    layers_to_prune,
-    localize,
-    parse_candidates,
-)
+from shortlvlm_vllm.prune.localize import LOCALIZERS, LayerStatistics, layers_to_prune, localize, parse_candidates
 
 COSINE_METHODS = ["tis", "all-tokens", "text-only", "visual-only"]
 L = 8

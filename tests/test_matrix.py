@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.matrix import Arm, Matrix, load_config, pareto_front, write_tables
-from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
+from shortlvlm_vllm.evaluation.matrix import Arm, Matrix, load_config, pareto_front, write_tables
+from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
 
 CONFIGS = Path(__file__).parent.parent / "eval" / "configs"
 
@@ -46,7 +46,7 @@ def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tin
     ("model: toy\n", "grid"),
     ("model: toy\ngrid: {ratio: [0.1], depth: [2]}\n", "unknown axes"),
     ("model: toy\ngrid: {ratio: [1.5]}\n", "ratio 1.5"),
-    ("model: toy\ngrid: {tokens: [0]}\n", "tokens 0.0 must be in"),
+    ("model: toy\ngrid: {token_fraction: [0]}\n", "token_fraction 0.0 must be in"),
     ("grid: {ratio: [0.1]}\n", "name the model"),
     ("model: toy\ngrid: {ratio: [0.1]}\nbenchmrk: {}\n", "unknown keys"),
     ("model: toy\ngrid: {ratio: [0.1\n", "not valid YAML"),

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shortlvlm_vllm.adapters.llava import LLAVA
-from shortlvlm_vllm.calibration_data import CalibrationSample
-from shortlvlm_vllm.measure import drift, pruned_view, reference_outputs
+from shortlvlm_vllm.data.calibration import CalibrationSample
+from shortlvlm_vllm.prune.drift import drift, pruned_view, reference_outputs
 
 from .conftest import random_image
 
@@ -52,8 +52,8 @@ def test_removing_an_identity_layer_has_no_drift_and_the_view_restores_the_model
 @torch.no_grad()
 def test_the_written_checkpoint_equals_the_in_memory_view(loaded, tiny_llava, scp_pruned_llava):
     """The folded SCP edit on disk is exactly what was measured in memory."""
-    from shortlvlm_vllm.checkpoint import open_checkpoint
-    from shortlvlm_vllm.safetensors_io import load_tensor
+    from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+    from shortlvlm_vllm.checkpoint.safetensors_io import load_tensor
 
     model, processor, reference = loaded
     record = json.loads((scp_pruned_llava / "config.json").read_text())["short_lvlm"]

@@ -15,18 +15,22 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from shortlvlm_vllm.adapters.llava import LLAVA
-from shortlvlm_vllm.checkpoint import layer_renumbering, open_checkpoint
+from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
+from shortlvlm_vllm.checkpoint.quantization_config import pruned_quantization_config
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
+from shortlvlm_vllm.checkpoint.surgery import layer_renumbering, write_pruned_checkpoint
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.compensate import fold_output
+from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_tiny_llava
-from shortlvlm_vllm.images import data_url, image_message, template_image_turn
-from shortlvlm_vllm.prune import CalibrationSource, PruneRecipe, plan_pruning, write_plan
-from shortlvlm_vllm.quantize import QuantizeRecipe, quantize_checkpoint
-from shortlvlm_vllm.quantized import dequantized_copy, pruned_quantization_config
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
-from shortlvlm_vllm.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY, attach_side_paths
+from shortlvlm_vllm.prune.compensate import CompensationSettings, fold_output
+from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
+from shortlvlm_vllm.prune.recipe import PruneRecipe
+from shortlvlm_vllm.quantize.dequantize import dequantized_copy
+from shortlvlm_vllm.quantize.driver import QuantizeRecipe, quantize_checkpoint
+from shortlvlm_vllm.serving.launcher import VLLMServer
+from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
+from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY, attach_side_paths
+from shortlvlm_vllm.tiny_models import build_tiny_llava
 
 from .conftest import random_image
 
@@ -91,14 +95,15 @@ def test_quantization_config_lists_are_renumbered(quantized):
     q = src.config["quantization_config"]
     q["ignore"] += [f"{LAYER}1.mlp.down_proj", f"{LAYER}3.self_attn.q_proj", "re:.*vision_tower.*"]
     q["config_groups"]["group_1"] = {"targets": [f"{LAYER}0.mlp.up_proj", f"{LAYER}2.mlp.up_proj"]}
-    rewritten = pruned_quantization_config(src, layer_renumbering(4, [1]))
+    names = [t.name for t in src.tensors()]
+    rewritten = pruned_quantization_config(q, src.adapter, names, layer_renumbering(4, [1]))
     assert rewritten["ignore"] == [*q["ignore"][:-3], f"{LAYER}2.self_attn.q_proj", "re:.*vision_tower.*"]
     assert rewritten["config_groups"]["group_1"]["targets"] == [f"{LAYER}0.mlp.up_proj", f"{LAYER}1.mlp.up_proj"]
     assert rewritten["config_groups"]["group_0"] == q["config_groups"]["group_0"]
     # A pattern that picks layers by index would select other modules after renumbering.
     q["ignore"].append(r"re:.*layers\.3\.mlp.*")
     with pytest.raises(ShortLVLMError, match=r"names decoder layers by index"):
-        pruned_quantization_config(src, layer_renumbering(4, [1]))
+        pruned_quantization_config(q, src.adapter, names, layer_renumbering(4, [1]))
 
 
 def test_scp_on_a_quantized_checkpoint_stays_unfused(quantized, pruned_quantized):
@@ -128,14 +133,17 @@ def test_scp_on_a_quantized_checkpoint_stays_unfused(quantized, pruned_quantized
 def folded_and_unfused(tiny_llava, llava_calib, tmp_path_factory) -> tuple[Path, Path, Path]:
     """One plan (TIS 25%, SCP rank 16) written three ways: folded, unfused side paths, uncompensated."""
     src = open_checkpoint(tiny_llava)
-    recipe = PruneRecipe(ratio=0.25, rank=16, calibration=CalibrationSource(str(llava_calib), num_samples=24,
-                                                                            heldout=0))
+    recipe = PruneRecipe(ratio=0.25, compensation=CompensationSettings(rank=16),
+                         calibration=CalibrationSource(str(llava_calib), num_samples=24, heldout=0))
     plan = plan_pruning(src, recipe)
     out = tmp_path_factory.mktemp("compensation")
     folded = write_plan(src, out / "folded", recipe, plan)
-    unfused = write_plan(src, out / "unfused", recipe, plan, unfused=True)
+    # The side paths a quantized source would get, written for this dense one.
+    edits = plan.compensation.side_paths(src, layer_renumbering(src.num_layers, plan.pruned))
+    unfused = write_pruned_checkpoint(src, out / "unfused", plan.pruned, edits.record, added=edits.added,
+                                      architectures=edits.architectures)
     plan.compensation = None
-    recipe.compensate = "none"
+    recipe.compensation = CompensationSettings("none")
     return folded, unfused, write_plan(src, out / "none", recipe, plan)
 
 

@@ -15,14 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from shortlvlm_vllm import quantize
-from shortlvlm_vllm.calibrate import calibration_inputs
-from shortlvlm_vllm.calibration_data import load_calibration
+from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
 from shortlvlm_vllm.cli import main
+from shortlvlm_vllm.data.calibration import calibration_inputs, load_calibration
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import build_byte_tokenizer, build_tiny_llava, make_llava, save_hub_checkpoint
-from shortlvlm_vllm.images import data_url, image_message, template_image_turn
-from shortlvlm_vllm.serve import VLLMServer, has_cuda
+from shortlvlm_vllm.quantize import driver as quantize
+from shortlvlm_vllm.serving.launcher import VLLMServer, has_cuda
+from shortlvlm_vllm.tiny_models import build_byte_tokenizer, build_tiny_llava, make_llava, save_hub_checkpoint
 
 from .conftest import random_image
 
@@ -148,7 +147,9 @@ def test_quantizing_a_pruned_checkpoint_keeps_its_record(pruned_llava, tmp_path)
     assert config["short_lvlm"]["pruned_layers"] == source["short_lvlm"]["pruned_layers"]
     assert config["short_lvlm"]["quantization"]["method"] == "rtn"
     card = (out / "README.md").read_text()
-    assert card.startswith((pruned_llava / "README.md").read_text().rstrip()) and "## Quantization" in card
+    pruned_card = (pruned_llava / "README.md").read_text().splitlines()
+    assert pruned_card[3] + ", W4A16 (rtn)" in card.splitlines() and "## Quantization" in card  # the title
+    assert all(line in card.splitlines() for line in pruned_card[4:])  # and the pruning record, all of it
     assert set(_tensors(out)) >= {"language_model.model.layers.5.mlp.down_proj.weight_packed",
                                   "vision_tower.vision_model.post_layernorm.weight"}
 
@@ -318,5 +319,5 @@ def test_worker_crash_is_reported_with_its_last_lines(source, tmp_path, capsys, 
     caplog.set_level(logging.INFO)
     _fails(capsys, ["quantize", str(source), "-o", str(tmp_path / "out"), "--method", "rtn"],
            "the quantization pass failed with exit code 3; nothing was written", tmp_path / "out")
-    streamed = [r.getMessage() for r in caplog.records if r.name == "shortlvlm_vllm.quantize_worker"]
+    streamed = [r.getMessage() for r in caplog.records if r.name == "shortlvlm_vllm.quantize.worker"]
     assert streamed == ["loading the model", "pass 50%", "pass 100%", "RuntimeError: boom"]

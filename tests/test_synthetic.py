@@ -11,9 +11,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from shortlvlm_vllm.calibration_data import load_calibration
-from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.synthetic import (
+from shortlvlm_vllm.data.calibration import load_calibration
+from shortlvlm_vllm.data.synthetic import (
     COLOURS,
     FAMILIES,
     LETTERS,
@@ -29,6 +28,7 @@ from shortlvlm_vllm.synthetic import (
     words,
     write_synthetic,
 )
+from shortlvlm_vllm.errors import ShortLVLMError
 
 SMALL = SyntheticConfig(train_images=40, calib_images=20, test_images=30)
 

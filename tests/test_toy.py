@@ -9,11 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
+from shortlvlm_vllm.chat import template_image_turn
+from shortlvlm_vllm.data.synthetic import COLOURS, FAMILIES, SHAPES, SIZES, SyntheticConfig, generate_split, words
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.fixtures import make_llava
-from shortlvlm_vllm.images import template_image_turn
-from shortlvlm_vllm.synthetic import COLOURS, FAMILIES, SHAPES, SIZES, SyntheticConfig, generate_split, words
-from shortlvlm_vllm.toy import (
+from shortlvlm_vllm.tiny_models import make_llava
+from shortlvlm_vllm.toy.training import (
     CAPTION_QUESTION,
     ToyTrainingConfig,
     _batch,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from shortlvlm_vllm.benchmarks import get_benchmark
-from shortlvlm_vllm.client import Endpoint, run_benchmark
-from shortlvlm_vllm.evaluate import ask_transformers
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.synthetic import FAMILIES
+from shortlvlm_vllm.data.synthetic import FAMILIES
+from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
+from shortlvlm_vllm.evaluation.client import Endpoint, run_benchmark
+from shortlvlm_vllm.evaluation.reference import ask_transformers
+from shortlvlm_vllm.serving.launcher import VLLMServer
 from shortlvlm_vllm.toy import TOY_MODEL_DIR
 
 TEST_QUESTIONS = 1000  # the first 200 test images x 5 families (of 5000 questions; the note on issue 4 has all)

@@ -11,8 +11,8 @@ from transformers import AutoConfig
 
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.visual_tokens import select_visual_tokens, split_budget
-from shortlvlm_vllm.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_architecture, budget_overrides, register
+from shortlvlm_vllm.serving.visual_tokens import select_visual_tokens, split_budget
+from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_architecture, budget_overrides, register
 
 TINY_TOKENS = 64  # the tiny fixture: 64 px images, 8 px patches
 
@@ -125,4 +125,4 @@ def test_register_is_idempotent_and_lazy():
     register()
     assert ModelRegistry.models[SHORT_LLAVA_ARCHITECTURE] is registered
     assert isinstance(registered, _LazyRegisteredModel)  # imported only when a checkpoint names it
-    assert registered.module_name == "shortlvlm_vllm.vllm_plugin.llava"
+    assert registered.module_name == "shortlvlm_vllm.serving.vllm_plugin.llava"

@@ -11,13 +11,15 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from shortlvlm_vllm.checkpoint import open_checkpoint
+from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
+from shortlvlm_vllm.checkpoint.reader import open_checkpoint
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.images import data_url, image_message, template_image_turn
-from shortlvlm_vllm.prune import PruneRecipe, plan_pruning, write_plan
-from shortlvlm_vllm.serve import VLLMServer
-from shortlvlm_vllm.visual_tokens import key_metric, select_visual_tokens
-from shortlvlm_vllm.vllm_plugin import budget_overrides
+from shortlvlm_vllm.prune.compensate import CompensationSettings
+from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
+from shortlvlm_vllm.prune.recipe import PruneRecipe
+from shortlvlm_vllm.serving.launcher import VLLMServer
+from shortlvlm_vllm.serving.visual_tokens import key_metric, select_visual_tokens
+from shortlvlm_vllm.serving.vllm_plugin import budget_overrides
 
 from .conftest import random_image
 
@@ -33,7 +35,7 @@ TOP = 5
 def budget_llava(tiny_llava, tmp_path_factory):
     """The tiny LLaVA with no layer removed and a budget of 16 of its 64 visual tokens."""
     src = open_checkpoint(tiny_llava)
-    recipe = PruneRecipe(compensate="none", visual_tokens=BUDGET)
+    recipe = PruneRecipe(compensation=CompensationSettings("none"), visual_tokens=BUDGET)
     return write_plan(src, tmp_path_factory.mktemp("models") / "tiny-llava-k16", recipe, plan_pruning(src, recipe))
 
 

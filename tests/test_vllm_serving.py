@@ -14,10 +14,10 @@ import requests
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.client import RECORDS_NAME, SCORES_NAME
-from shortlvlm_vllm.images import data_url, image_message, template_image_turn
-from shortlvlm_vllm.serve import VLLMServer
+from shortlvlm_vllm.evaluation.client import RECORDS_NAME, SCORES_NAME
+from shortlvlm_vllm.serving.launcher import VLLMServer
 
 from .conftest import IMAGE_SIZES, random_image
 

@@ -1,0 +1,1 @@
+"""Data the pipeline runs on: calibration sources and the synthetic VQA set."""

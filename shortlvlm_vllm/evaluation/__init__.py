@@ -1,0 +1,2 @@
+"""Evaluation through the OpenAI API: benchmarks, the client, throughput, the matrix, and the transformers
+reference."""

@@ -1,0 +1,1 @@
+"""Pruning: calibrate -> localize -> compensate -> write, driven by one recipe."""

@@ -1,0 +1,280 @@
+"""One calibration pass over the unpruned model: every statistic the localizers and SCP need.
+
+Per sample (batch of one, prompt and reference answer teacher-forced), hooks on the decoder
+layers see each layer's input and output; a wrapper around the model's attention function sees
+each candidate layer's post-RoPE queries and keys and computes Token Importance Scores from
+them in query chunks, so the model keeps running its own attention kernel (SDPA) and no
+heads x T x T tensor is ever held. Everything is accumulated as running sums; only SCP's pooled
+features (N x D per layer) grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from shortlvlm_vllm.adapters import ArchitectureAdapter
+from shortlvlm_vllm.data.calibration import CalibrationSample, calibration_inputs
+from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.prune.localize import LayerStatistics
+
+log = logging.getLogger(__name__)
+
+TOKEN_SETS = ("tis", "all-tokens", "text-only", "visual-only")
+# heads x query-chunk x keys scores at once: 8 MB of float32 stays in cache (measured 2.8x faster than 64 MB)
+_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Positions in one sequence: V (image tokens) and T (text after the first image token).
+
+    Tokens before the first image (system prompt, BOS) are outside the pool: they cannot attend
+    to the image, and BOS is an attention sink that would dominate every score.
+    """
+
+    visual: torch.Tensor  # sorted positions
+    text: torch.Tensor
+
+    @classmethod
+    def from_input_ids(cls, input_ids: torch.Tensor, image_token_id: int) -> TokenLayout:
+        ids = input_ids.reshape(-1).cpu()
+        is_image = ids == image_token_id
+        if not bool(is_image.any()):
+            raise ShortLVLMError("the sequence has no image tokens")
+        first = int(is_image.nonzero()[0])
+        positions = torch.arange(ids.numel())
+        return cls(positions[is_image], positions[(positions > first) & ~is_image])
+
+    @property
+    def pool(self) -> torch.Tensor:
+        return torch.cat([self.visual, self.text]).sort().values
+
+
+def _valid_counts(positions: torch.Tensor, others: torch.Tensor, later: bool) -> torch.Tensor:
+    """For each position, how many of `others` lie at or after it (later) or at or before it."""
+    if later:
+        return (others.numel() - torch.searchsorted(others, positions, right=False)).to(torch.float64)
+    return torch.searchsorted(others, positions, right=True).to(torch.float64)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+
+def tis_from_sums(
+    layout: TokenLayout, col_from_v: torch.Tensor, col_from_t: torch.Tensor, row_to_v: torch.Tensor
+) -> torch.Tensor:
+    """TIS of every pool token (in layout.pool order) from attention sums, per SPEC.md section 2.
+
+    col_from_v[k] / col_from_t[k]: sum of A[q, k] over visual / text queries q;
+    row_to_v[q]: sum of A[q, i] over visual keys i. Means divide by causally valid entries.
+    """
+    v, t = layout.visual, layout.text
+    v_intra = _safe_div(col_from_v[v], _valid_counts(v, v, later=True))
+    v_cross = _safe_div(col_from_t[v], _valid_counts(v, t, later=True))
+    t_cross = _safe_div(row_to_v[t], _valid_counts(t, v, later=False))
+    t_intra = _safe_div(col_from_t[t], _valid_counts(t, t, later=True))
+    scores = torch.empty(v.numel() + t.numel(), dtype=torch.float64)
+    order = torch.cat([v, t]).argsort()
+    scores[: v.numel()] = (v_intra + v_cross) / 2
+    scores[v.numel():] = (t_cross + t_intra) / 2
+    return scores[order]
+
+
+def token_importance_chunked(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, layout: TokenLayout, chunk: int | None = None
+) -> torch.Tensor:
+    """TIS from one sequence's post-RoPE queries [H, T, d] and keys [H_kv, T, d], in query chunks.
+
+    Scores are computed in the model's dtype and softmaxed in float32, as the model's own eager
+    attention does. Only query rows from the first pool position on are computed: earlier rows
+    feed no statistic. Sums over token sets are matrix products with 0/1 masks.
+    """
+    heads, length, _ = query.shape
+    if key.shape[0] != heads:
+        key = key.repeat_interleave(heads // key.shape[0], dim=0)
+    chunk = chunk or max(1, _CHUNK_ELEMENTS // (heads * length))
+    device = query.device
+    is_v = torch.zeros(length, device=device)
+    is_v[layout.visual.to(device)] = 1.0
+    is_t = torch.zeros(length, device=device)
+    is_t[layout.text.to(device)] = 1.0
+    col_from_v = torch.zeros(length, device=device)
+    col_from_t = torch.zeros(length, device=device)
+    row_to_v = torch.zeros(length, device=device)
+    key_t = key.transpose(1, 2)
+    key_pos = torch.arange(length, device=device)
+    for start in range(int(layout.visual[0]), length, chunk):
+        stop = min(start + chunk, length)
+        scores = torch.matmul(query[:, start:stop], key_t).float().mul_(scaling)
+        scores.masked_fill_(key_pos[None, None, :] > key_pos[start:stop, None], float("-inf"))
+        probs = scores.softmax(-1).mean(0)  # [rows, T], head-averaged
+        col_from_v += is_v[start:stop] @ probs
+        col_from_t += is_t[start:stop] @ probs
+        row_to_v[start:stop] = probs @ is_v
+    return tis_from_sums(layout, col_from_v.double().cpu(), col_from_t.double().cpu(), row_to_v.double().cpu())
+
+
+def select_top_tokens(scores: torch.Tensor, pool: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Positions of the top-p fraction of the pool by TIS (at least one)."""
+    k = max(1, round(top_p * pool.numel()))
+    return pool[scores.topk(k).indices.sort().values]
+
+
+@dataclass
+class _Accumulator:
+    num_layers: int
+    candidates: list[int]
+    num_samples: int
+    hidden_size: int
+    cosine_sums: dict[str, dict[int, float]] = field(default_factory=dict)
+    angular_sum: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.cosine_sums = {name: dict.fromkeys(self.candidates, 0.0) for name in TOKEN_SETS}
+        self.angular_sum = torch.zeros(self.num_layers, self.num_layers, dtype=torch.float64)
+        self.features = torch.zeros(self.num_layers, self.num_samples, self.hidden_size, dtype=torch.float32)
+
+    def result(self, seen: int) -> LayerStatistics:
+        angular = self.angular_sum / seen
+        angular[torch.ones_like(angular, dtype=torch.bool).tril(-1)] = math.nan
+        return LayerStatistics(
+            num_layers=self.num_layers,
+            num_samples=seen,
+            cosine={name: {layer: s / seen for layer, s in sums.items()} for name, sums in self.cosine_sums.items()},
+            angular=angular,
+            features=self.features[:, :seen],
+        )
+
+
+class _SampleRecorder:
+    """Hook state for one forward pass: layer inputs, TIS selections, last-token states."""
+
+    def __init__(self, acc: _Accumulator, top_p: float) -> None:
+        self.acc = acc
+        self.top_p = top_p
+        self.candidates = set(acc.candidates)
+        self.layout: TokenLayout | None = None
+        self.index = 0
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.selected: dict[int, torch.Tensor] = {}
+        self.last_in = torch.zeros(acc.num_layers, acc.hidden_size)
+        self.last_out = torch.zeros(acc.num_layers, acc.hidden_size)
+
+    def start(self, index: int, layout: TokenLayout) -> None:
+        self.index, self.layout = index, layout
+        self.inputs.clear()
+        self.selected.clear()
+
+    def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        if layer not in self.candidates:
+            return
+        scores = token_importance_chunked(query[0], key[0], scaling, self.layout)
+        self.selected[layer] = select_top_tokens(scores, self.layout.pool, self.top_p)
+
+    def on_layer_input(self, layer: int, hidden: torch.Tensor) -> None:
+        self.inputs[layer] = hidden
+        self.last_in[layer] = hidden[0, -1].float().cpu()
+
+    def on_layer_output(self, layer: int, hidden: torch.Tensor) -> None:
+        layout, acc = self.layout, self.acc
+        x_out = hidden[0].float()
+        self.last_out[layer] = x_out[-1].cpu()
+        pool = layout.pool.to(x_out.device)
+        acc.features[layer, self.index] = x_out[pool].mean(0).cpu()
+        if layer in self.candidates:
+            cos = F.cosine_similarity(self.inputs[layer][0].float(), x_out, dim=-1).cpu().double()
+            sums = acc.cosine_sums
+            sums["all-tokens"][layer] += float(cos.mean())
+            sums["text-only"][layer] += float(cos[layout.text].mean()) if layout.text.numel() else 0.0
+            sums["visual-only"][layer] += float(cos[layout.visual].mean())
+            sums["tis"][layer] += float(cos[self.selected.pop(layer)].mean())
+        self.inputs.pop(layer, None)
+
+    def finish(self) -> None:
+        """Angular distance between every layer input and every later layer output (last token)."""
+        cos = F.normalize(self.last_in.double(), dim=-1) @ F.normalize(self.last_out.double(), dim=-1).T
+        self.acc.angular_sum += torch.arccos(cos.clamp(-1, 1)).triu() / math.pi
+
+
+@contextlib.contextmanager
+def _hooks(model, adapter: ArchitectureAdapter, recorder: _SampleRecorder) -> Iterator[None]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layers = adapter.decoder_layers(model)
+    attention_index = {id(layer.self_attn): i for i, layer in enumerate(layers)}
+    implementation = model.config.get_text_config()._attn_implementation or "sdpa"
+    if implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise ShortLVLMError(
+            f"calibration needs a registered attention implementation (sdpa), not {implementation!r}."
+        )
+    wrapped = ALL_ATTENTION_FUNCTIONS[implementation]
+    previous_local = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        layer = attention_index.get(id(module))
+        if layer is not None:
+            recorder.on_attention(layer, query, key, kwargs.get("scaling") or module.scaling)
+        return wrapped(module, query, key, value, attention_mask, **kwargs)
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: recorder.on_layer_input(i, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        ))
+        handles.append(layer.register_forward_hook(
+            lambda mod, args, out, i=i: recorder.on_layer_output(i, out[0] if isinstance(out, tuple) else out)
+        ))
+    ALL_ATTENTION_FUNCTIONS[implementation] = attention
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if previous_local is None:
+            del ALL_ATTENTION_FUNCTIONS[implementation]
+        else:
+            ALL_ATTENTION_FUNCTIONS[implementation] = previous_local
+
+
+@torch.no_grad()
+def run_calibration(
+    model,
+    processor,
+    adapter: ArchitectureAdapter,
+    samples: Sequence[CalibrationSample],
+    candidates: Sequence[int],
+    top_p: float = 0.10,
+) -> LayerStatistics:
+    """One pass over `samples`; returns the per-layer statistics of every localizer and SCP."""
+    text_config = model.config.get_text_config()
+    image_token_id = getattr(model.config, adapter.image_token_config_key)
+    num_layers = len(adapter.decoder_layers(model))
+    acc = _Accumulator(num_layers, sorted(candidates), len(samples), text_config.hidden_size)
+    recorder = _SampleRecorder(acc, top_p)
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    with _hooks(model, adapter, recorder):
+        for index, sample in enumerate(tqdm(samples, desc="calibrating", unit="sample", disable=None)):
+            inputs = calibration_inputs(processor, sample).to(device)
+            try:
+                layout = TokenLayout.from_input_ids(inputs["input_ids"], image_token_id)
+            except ShortLVLMError as exc:
+                raise ShortLVLMError(f"calibration sample {sample.id}: {exc}; check the chat template.") from None
+            recorder.start(index, layout)
+            model(**inputs, use_cache=False)
+            recorder.finish()
+    elapsed = time.perf_counter() - started
+    log.info("calibrated on %d samples in %.1f s (%.2f samples/s)", len(samples), elapsed, len(samples) / elapsed)
+    return acc.result(len(samples))

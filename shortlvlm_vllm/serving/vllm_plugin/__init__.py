@@ -1,0 +1,62 @@
+"""vLLM plugin (entry point `vllm.general_plugins`): registers the project's model classes by name.
+
+A checkpoint that needs one of these classes names it in config.json's `architectures` (its `model_type`
+stays the stock one, so transformers still loads it); vLLM calls `register()` in every process it starts.
+The classes are registered as `module:Class` strings so that vLLM imports them only when a checkpoint asks.
+This module imports nothing from vLLM at import time, so the rest of the package can use the names below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from shortlvlm_vllm.errors import ShortLVLMError
+
+SHORT_LLAVA_ARCHITECTURE = "ShortLlavaForConditionalGeneration"
+
+REGISTERED_CLASSES: dict[str, str] = {
+    SHORT_LLAVA_ARCHITECTURE: "shortlvlm_vllm.serving.vllm_plugin.llava:ShortLlavaForConditionalGeneration",
+}
+
+# model_type -> the registered class that serves a visual-token budget for it
+VISUAL_TOKEN_ARCHITECTURES: dict[str, str] = {"llava": SHORT_LLAVA_ARCHITECTURE}
+
+
+def visual_token_architecture(config: Mapping) -> str:
+    """The registered class that serves a visual-token budget for this config.json, or a clear error."""
+    model_type = config.get("model_type")
+    if model_type not in VISUAL_TOKEN_ARCHITECTURES:
+        raise ShortLVLMError(
+            f"a visual-token budget needs a registered model class, and there is none for model type "
+            f"{model_type!r} (supported: {', '.join(VISUAL_TOKEN_ARCHITECTURES)}). Drop --visual-tokens."
+        )
+    return VISUAL_TOKEN_ARCHITECTURES[model_type]
+
+
+def budget_architecture(config: Mapping, budget: int) -> str:
+    """The registered class that serves `budget` visual tokens for this config.json, once K fits the image."""
+    from shortlvlm_vllm.serving.visual_tokens import check_budget, image_token_count
+
+    architecture = visual_token_architecture(config)
+    check_budget(budget, image_token_count(config))
+    return architecture
+
+
+def budget_overrides(config: Mapping, budget: int) -> dict:
+    """vLLM `--hf-overrides` that serve a checkpoint (config.json as a dict) with `budget` visual tokens.
+
+    vLLM replaces a dict-valued key as a whole, so the checkpoint's `short_lvlm` section is carried over
+    with only `visual_tokens` changed; `architectures` names the registered class.
+    """
+    return {"architectures": [budget_architecture(config, budget)],
+            "short_lvlm": {**(config.get("short_lvlm") or {}), "visual_tokens": budget}}
+
+
+def register() -> None:
+    """Register the classes with vLLM's ModelRegistry; calling it again changes nothing."""
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for architecture, qualified_name in REGISTERED_CLASSES.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, qualified_name)

@@ -1,0 +1,91 @@
+"""ShortLlavaForConditionalGeneration: vLLM's LLaVA with the image's tokens cut to a budget K before the
+language model (visual_tokens, VisionZip-style), so the prompt holds K placeholders per image.
+
+The budget comes from config.json's `short_lvlm.visual_tokens` (written by `shortlvlm prune
+--visual-tokens K`); `--hf-overrides '{"short_lvlm": {"visual_tokens": K}}'` changes it when serving.
+Without a budget, or with K equal to the image's token count, the class is vLLM's own LLaVA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.clip import CLIPVisionTransformer
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from shortlvlm_vllm.serving.visual_tokens import (
+    cls_attention,
+    configured_budget,
+    image_token_count,
+    key_metric,
+    select_visual_tokens,
+)
+from shortlvlm_vllm.serving.vllm_plugin.side_path import attach_side_paths, check_side_paths_loaded, side_path_spec
+
+
+class ShortLlavaProcessingInfo(LlavaProcessingInfo):
+    """Reports K placeholder tokens per image, so the prompt's count matches what the model returns."""
+
+    @cached_property
+    def visual_tokens(self) -> int | None:
+        """K from the served config (read once: it is fixed for the server's life), None for every token."""
+        return configured_budget(self.get_hf_config().to_dict())
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        if self.visual_tokens is None:
+            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return self.visual_tokens
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaMultiModalProcessor, info=ShortLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class ShortLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config.to_dict()
+        self.visual_tokens = configured_budget(config)
+        self.selects_tokens = self.visual_tokens is not None and self.visual_tokens < image_token_count(config)
+        # config-driven extras (e.g. SCP side paths) are attached here
+        side_paths = side_path_spec(config.get("short_lvlm"))
+        if side_paths:
+            attach_side_paths(self.language_model.model.layers, side_paths, self.config.text_config.hidden_size)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        check_side_paths_loaded(self, loaded)
+        return loaded
+
+    def _image_pixels_to_features(self, vision_tower, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.selects_tokens:
+            return super()._image_pixels_to_features(vision_tower, pixel_values)
+        features, attention, keys = feature_layer_outputs(vision_tower.vision_model, pixel_values)
+        return select_visual_tokens(features, attention, keys, self.visual_tokens)
+
+
+def feature_layer_outputs(
+    tower: CLIPVisionTransformer, pixel_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch features [B, N, C], [CLS] attention [B, N] and key metric [B, N, d] at the feature layer.
+
+    vLLM builds the tower only up to the feature layer (its last layer here) and its attention returns
+    no probabilities, so the last layer's queries and keys are recomputed from that layer's input.
+    """
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    *front, feature_layer = tower.encoder.layers
+    for layer in front:
+        hidden = layer(hidden)
+    attn = feature_layer.self_attn
+    query, key, _ = attn.qkv_proj(feature_layer.layer_norm1(hidden))[0].chunk(3, dim=-1)
+    hidden = feature_layer(hidden)
+    num_heads = attn.num_heads_per_partition
+    return hidden[:, 1:], cls_attention(query, key, num_heads), key_metric(key, num_heads)[:, 1:]
