@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shortlvlm_vllm import __version__
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.files import check_output_file
 
 
 def _layer_list(text: str) -> list[int]:
@@ -139,7 +140,7 @@ def prune_recipe_from_args(args: argparse.Namespace):
 
 def _run_prune(args: argparse.Namespace) -> int:
     from shortlvlm_vllm.checkpoint.reader import open_checkpoint
-    from shortlvlm_vllm.files import check_output_dir
+    from shortlvlm_vllm.checkpoint.writer import check_checkpoint_output
     from shortlvlm_vllm.prune.pipeline import describe_plan, plan_pruning, write_plan
 
     if args.output is None and not args.dry_run:
@@ -147,7 +148,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     recipe = prune_recipe_from_args(args)
     src = open_checkpoint(recipe.model, recipe.revision)
     if args.output is not None and not args.dry_run:
-        check_output_dir(args.output, args.overwrite, src.protected)
+        check_checkpoint_output(args.output, args.overwrite, src.protected)
     plan = plan_pruning(src, recipe, args.device, args.dtype)
     print(describe_plan(src, recipe, plan))
     if args.dry_run:
@@ -321,10 +322,10 @@ def _add_train_toy(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train_toy(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.files import check_output_dir
+    from shortlvlm_vllm.checkpoint.writer import check_checkpoint_output
     from shortlvlm_vllm.toy.training import ToyTrainingConfig, train_toy_model
 
-    check_output_dir(args.output, args.overwrite)
+    check_checkpoint_output(args.output, args.overwrite)
     torch_threads = os.environ.get("OMP_NUM_THREADS")
     config = ToyTrainingConfig(**{name: getattr(args, name) for name in args.config_names})
     print(f"training the toy model ({config}); threads: {torch_threads or 'all cores'}", flush=True)
@@ -418,6 +419,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.data and not args.benchmark:
         raise ShortLVLMError("--data names a copy of a benchmark; say which one with --benchmark.")
+    if args.output is not None:
+        check_output_file(args.output, [args.data] if args.data else [])
     if args.benchmark:
         from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
 

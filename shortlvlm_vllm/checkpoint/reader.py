@@ -15,6 +15,7 @@ from shortlvlm_vllm.checkpoint.quantization_config import quantization_format
 from shortlvlm_vllm.checkpoint.safetensors_io import ShardHeader, TensorInfo, load_tensor, read_header
 from shortlvlm_vllm.checkpoint.writer import INDEX_NAME, OTHER_WEIGHT_SUFFIXES
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.files import protected_paths
 
 # compressed-tensors replaces a quantized `weight` by `weight_packed`, ... and keeps its shape in `weight_shape`
 PACKED_SHAPE_SUFFIX = "_shape"
@@ -53,9 +54,10 @@ class SourceCheckpoint:
 
     @property
     def protected(self) -> list[Path]:
-        """Directories no output may overlap: the checkpoint, and for a hub download the whole hub cache."""
+        """Paths no output may overlap: the checkpoint, the directories its linked files point into, and for a hub
+        download the whole hub cache."""
         cache = hub_cache_dir().resolve()
-        return [self.path, cache] if cache in self.path.resolve().parents else [self.path]
+        return protected_paths(self.path) + ([cache] if cache in self.path.resolve().parents else [])
 
     def tensor_info(self, name: str) -> TensorInfo:
         for shard in self.shards:

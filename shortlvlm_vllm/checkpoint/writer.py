@@ -17,16 +17,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from shortlvlm_vllm.checkpoint.safetensors_io import OutputTensor, write_shard
-from shortlvlm_vllm.files import atomic_output_dir
+from shortlvlm_vllm.files import atomic_output_dir, check_output_dir
 
 log = logging.getLogger(__name__)
 
+CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 MODEL_CARD_NAME = "README.md"
 # What write_checkpoint writes itself, so never copies from the source.
-_WRITTEN_FILES = {"config.json", INDEX_NAME, MODEL_CARD_NAME}
+_WRITTEN_FILES = {CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ def shard_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_SHARD_NAME]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def check_checkpoint_output(dst: str | Path, overwrite: bool = False, sources: Iterable[Path] = ()) -> Path:
+    """Refuse a checkpoint output early: it exists (without overwrite), overlaps a source, or with overwrite would
+    replace a directory that is not a checkpoint (no config.json)."""
+    return check_output_dir(dst, overwrite, sources, marker=CONFIG_NAME)
 
 
 def write_checkpoint(
@@ -74,7 +81,7 @@ def write_checkpoint(
         num_shards = len(shards)
     total = sum(shard.nbytes for shard in shards) if isinstance(shards, list) else None
     written = 0
-    with atomic_output_dir(dst, overwrite, sources) as tmp:
+    with atomic_output_dir(dst, overwrite, sources, marker=CONFIG_NAME) as tmp:
         weight_map = {}
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=None) as bar:
             for shard, name in zip(shards, shard_names(num_shards), strict=True):
@@ -83,7 +90,7 @@ def write_checkpoint(
         if index or num_shards > 1:
             index_data = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
         for name, data in (extra_files or {}).items():

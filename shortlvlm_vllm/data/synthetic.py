@@ -179,7 +179,7 @@ def write_synthetic(out_dir: str | Path, config: SyntheticConfig, overwrite: boo
     The LLaVA-format copy of the calibration split is what the pruning pass reads; one record per question.
     """
     out = Path(out_dir).absolute()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, marker="dataset") as tmp:
         dataset = build_dataset(config)
         dataset.save_to_disk(str(tmp / "dataset"))
         _write_llava(dataset["calibration"], tmp / "calibration")

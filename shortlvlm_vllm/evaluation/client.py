@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from shortlvlm_vllm.chat import data_url, image_message
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks.base import Benchmark, Item
+from shortlvlm_vllm.files import check_apart, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +332,7 @@ def _check_run(out_dir: Path, benchmark: Benchmark, endpoint: Endpoint) -> None:
                 f"on {benchmark.name}; write to another output directory."
             )
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(run) + "\n")
+    write_atomic(path, json.dumps(run) + "\n")
 
 
 def run_benchmark(
@@ -350,6 +350,8 @@ def run_benchmark(
     Records of ids outside this item set (another --limit or --seed before) stay in the file but are not scored.
     """
     out_dir = Path(out_dir)
+    if source is not None:
+        check_apart(out_dir, [source])  # records and scores never go into the benchmark's data
     _check_run(out_dir, benchmark, endpoint)
     items = benchmark.load(source, limit, seed)
     if not items:
@@ -359,7 +361,7 @@ def run_benchmark(
     scores = benchmark.score(items, {item.id: records[item.id]["parsed"] for item in items})
     summary = {"benchmark": benchmark.name, "model": endpoint.model, "items": len(items), "failed": failed,
                "scores": scores}
-    (out_dir / SCORES_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / SCORES_NAME, json.dumps(summary, indent=2) + "\n")
     log.info("%s: %d items, %d failed requests; scores in %s", benchmark.name, len(items), failed,
              out_dir / SCORES_NAME)
     return scores

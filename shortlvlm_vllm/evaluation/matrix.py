@@ -25,7 +25,7 @@ from typing import Any
 
 from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.files import portable_name
+from shortlvlm_vllm.files import check_apart, portable_name, protected_paths, write_atomic
 from shortlvlm_vllm.plots import plot_accuracy_vs_throughput
 from shortlvlm_vllm.prune.compensate import CompensationSettings
 from shortlvlm_vllm.prune.recipe import PruneRecipe
@@ -196,8 +196,21 @@ class Matrix:
             settings["num_samples"] = num_samples
         return CalibrationSource(**settings)
 
+    def protected(self) -> list[Path]:
+        """What the matrix reads and must never write into: the model (with the hub cache for a download), and the
+        local benchmark and calibration data."""
+        from shortlvlm_vllm.checkpoint.hub import hub_cache_dir
+
+        source = self.source()
+        cache = hub_cache_dir().resolve()
+        calibration = self.config.calibration
+        data = [Path(p) for p in (self.config.benchmark.get("data"), calibration.get("source"),
+                                  calibration.get("image_root")) if p]
+        return [*protected_paths(source), *([cache] if cache in source.resolve().parents else []), *data]
+
     def run(self) -> list[dict]:
         """Every arm in turn; an arm measured before (its result file exists) is read back, not rerun."""
+        check_apart(self.out, self.protected())
         self.check_source()
         results = []
         for i, arm in enumerate(self.config.arms, 1):
@@ -222,8 +235,7 @@ class Matrix:
             what = f"another version of {fingerprint['model']}" if recorded else "a source it did not record"
             raise ShortLVLMError(f"{self.out} holds arms measured on {what} (config or weight files differ): measure "
                                  f"into a new directory, or delete {self.out} to start over.")
-        self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fingerprint, indent=2) + "\n")
+        write_atomic(path, json.dumps(fingerprint, indent=2) + "\n")
 
     def measure(self, arm: Arm) -> dict:
         from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
@@ -254,7 +266,7 @@ class Matrix:
                   "layers": _num_layers(json.loads((checkpoint / "config.json").read_text())),
                   "accuracy": scores, "throughput": throughput.to_dict(),
                   "seconds": round(time.perf_counter() - started, 1)}
-        result_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        write_atomic(result_path, json.dumps(result, indent=1, default=str) + "\n")
         return result
 
 
@@ -295,8 +307,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_tables(results: list[dict], out_dir: Path) -> None:
-    """results.json, results.csv, results.md and accuracy_vs_throughput.png under `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """results.json, results.csv, results.md and accuracy_vs_throughput.png under `out_dir`, each written atomically."""
     points = [headline(r) for r in results]
     front = set(pareto_front(points))
     rows = []
@@ -312,18 +323,18 @@ def write_tables(results: list[dict], out_dir: Path) -> None:
             "ttft_p50_ms": round(t["median_ttft_ms"], 1), "tpot_p50_ms": round(t["median_tpot_ms"], 2),
             "pareto": i in front,
         })
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns)
     writer.writeheader()
     writer.writerows(rows)
-    (out_dir / "results.csv").write_text(buffer.getvalue())
+    write_atomic(out_dir / "results.csv", buffer.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "accuracy_vs_throughput.png").write_bytes(
-        plot_accuracy_vs_throughput([r["arm"] for r in rows], [r["quantize"] for r in rows], points, front))
+    write_atomic(out_dir / "results.md", "\n".join(lines) + "\n")
+    write_atomic(out_dir / "accuracy_vs_throughput.png",
+                 plot_accuracy_vs_throughput([r["arm"] for r in rows], [r["quantize"] for r in rows], points, front))
 
 
 def _cell(value: Any) -> str:

@@ -29,6 +29,7 @@ from shortlvlm_vllm.chat import data_url, image_message
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks.base import Item
 from shortlvlm_vllm.evaluation.client import Endpoint, IncompleteStreamError, describe_error, make_client, stream_chat
+from shortlvlm_vllm.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ class ThroughputResult:
         return asdict(self)
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def requests_from_items(items: Sequence[Item]) -> list[BenchRequest]:
@@ -258,7 +256,4 @@ def replay_on_servers(
 
 def write_summary(summary: Mapping, out_dir: Path) -> Path:
     """A benchmark script's figures as OUT/results.json (per-server results included); returns the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
+    return write_atomic(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")

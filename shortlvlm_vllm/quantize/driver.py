@@ -27,10 +27,9 @@ from shortlvlm_vllm import __version__
 from shortlvlm_vllm.checkpoint.model_card import render_model_card, short_lvlm_section
 from shortlvlm_vllm.checkpoint.reader import SourceCheckpoint, open_checkpoint
 from shortlvlm_vllm.checkpoint.safetensors_io import OutputTensor, TensorInfo, read_header
-from shortlvlm_vllm.checkpoint.writer import INDEX_NAME, Shard, write_checkpoint
+from shortlvlm_vllm.checkpoint.writer import INDEX_NAME, Shard, check_checkpoint_output, write_checkpoint
 from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.files import check_output_dir
 from shortlvlm_vllm.quantize.worker import ERROR_MARKER, RESULT_NAME
 
 log = logging.getLogger(__name__)
@@ -74,6 +73,8 @@ def check_quantize_recipe(recipe: QuantizeRecipe) -> None:
         )
     if recipe.method != "rtn" and recipe.calibration is None:
         raise ShortLVLMError(f"{recipe.method} needs calibration data: pass --calib (e.g. synthetic).")
+    if recipe.calibration is not None and recipe.calibration.num_samples < 1:
+        raise ShortLVLMError(f"--num-samples must be at least 1, not {recipe.calibration.num_samples}.")
 
 
 def quantized_weight_keys(src: SourceCheckpoint) -> list[str]:
@@ -135,7 +136,7 @@ def quantize_checkpoint(
     """Write a compressed-tensors W4A16 copy of `source` to `dst` (atomically) and return `dst`."""
     check_quantize_recipe(recipe)
     src = open_checkpoint(source, revision)
-    dst = check_output_dir(dst, overwrite, src.protected)
+    dst = check_checkpoint_output(dst, overwrite, src.protected)
     check_quantizable(src, recipe.group_size)
     python = quant_python()
     if any(src.tensor_info(key).dtype == "F32" for key in quantized_weight_keys(src)):
