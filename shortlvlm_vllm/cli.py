@@ -233,12 +233,28 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model name clients use (default: the path)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="skip torch.compile and CUDA graphs (default: on without a GPU)")
+    safety = p.add_argument_group("serving safely (each default is printed at start)")
+    media = safety.add_mutually_exclusive_group()
+    media.add_argument("--allow-media-domains", metavar="HOST,...", type=_host_list, default=(),
+                       help="fetch image URLs from these hosts only, without following redirects "
+                       "(default: no remote image URL is fetched; clients send images inline as data: URLs)")
+    media.add_argument("--allow-remote-media", action="store_true",
+                       help="fetch image URLs from any host the client names (vLLM's own default)")
+    safety.add_argument("--mm-processor-cache-gb", type=float, default=None, metavar="GIB",
+                        help="vLLM's multimodal processor cache (default: 0, off: vLLM's 4 GiB cache answered some "
+                        "valid requests with HTTP 500 under concurrent load)")
+    safety.add_argument("--insecure", action="store_true",
+                        help="allow a --host beyond loopback without --api-key")
     p.set_defaults(func=_run_serve)
+
+
+def _host_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from shortlvlm_vllm.checkpoint.hub import SHIPPED_MODELS, is_hub_id
-    from shortlvlm_vllm.serving.launcher import server_command, server_env
+    from shortlvlm_vllm.serving.launcher import ServingPolicy, describe_policy, server_command, server_env
 
     model = args.model
     if not Path(model).is_dir():
@@ -246,12 +262,17 @@ def _run_serve(args: argparse.Namespace) -> int:
             model = str(SHIPPED_MODELS[model])
         elif not is_hub_id(model):
             raise ShortLVLMError(f"model {model} not found: no such directory, and it is not a hub id.")
+    policy = ServingPolicy(args.allow_media_domains, args.allow_remote_media, args.mm_processor_cache_gb,
+                           args.insecure)
     cmd = server_command(model, host=args.host, port=args.port, api_key=args.api_key,
                          max_model_len=args.max_model_len, dtype=args.dtype,
                          served_model_name=args.served_model_name,
-                         enforce_eager=args.enforce_eager, extra_args=args.passthrough)
-    print("running:", " ".join(cmd), flush=True)
-    os.execvpe(cmd[0], cmd, server_env())
+                         enforce_eager=args.enforce_eager, extra_args=args.passthrough, policy=policy)
+    print("serving with these settings:")
+    print("\n".join(describe_policy(policy, args.host, args.api_key, args.passthrough)))
+    shown = ["***" if i and cmd[i - 1] == "--api-key" else part for i, part in enumerate(cmd)]
+    print("running:", " ".join(shown), flush=True)
+    os.execvpe(cmd[0], cmd, server_env(policy, args.passthrough))
     return 0  # not reached
 
 

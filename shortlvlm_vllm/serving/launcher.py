@@ -7,6 +7,8 @@ fails at start (it looks up the distribution "vllm"), so everything here runs th
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -17,9 +19,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.serving.media_policy import MIDDLEWARE, POLICY_ENV
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,14 @@ def server_command(
     served_model_name: str | None = None,
     enforce_eager: bool | None = None,
     extra_args: Sequence[str] = (),
+    policy: ServingPolicy | None = None,
 ) -> list[str]:
-    """The vLLM OpenAI server command line; enforce_eager=None means "on when there is no GPU"."""
+    """The vLLM OpenAI server command line; enforce_eager=None means "on when there is no GPU".
+
+    policy: the safety settings (ServingPolicy's defaults unless given); a binding the policy refuses is an error.
+    """
+    policy = policy or ServingPolicy()
+    check_binding(host, api_key, policy.insecure)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", host, "--port", str(port), "--dtype", dtype]
     if served_model_name:
@@ -55,15 +65,124 @@ def server_command(
         cmd += ["--max-model-len", str(max_model_len)]
     if enforce_eager if enforce_eager is not None else not has_cuda():
         cmd.append("--enforce-eager")
-    return cmd + list(extra_args)
+    return cmd + policy_args(policy, extra_args) + list(extra_args)
 
 
-def server_env() -> dict[str, str]:
-    """The environment for the server: on CPU, a bounded KV cache unless the user set one."""
+def server_env(policy: ServingPolicy | None = None, extra_args: Sequence[str] = ()) -> dict[str, str]:
+    """The environment for the server: on CPU, a bounded KV cache unless the user set one; the policy's settings."""
     env = dict(os.environ)
     if not has_cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    env.update(policy_env(policy or ServingPolicy(), extra_args))
     return env
+
+
+# --- serving safely: the defaults `shortlvlm serve` starts with, each printed and each overridable ---
+
+LOOPBACK_NAMES = ("localhost",)
+REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
+MM_CACHE_FLAG = "--mm-processor-cache-gb"
+LOCAL_MEDIA_FLAG = "--allowed-local-media-path"
+
+
+@dataclass(frozen=True)
+class ServingPolicy:
+    """What a server lets its clients do.
+
+    media_domains: hosts whose image URLs the server fetches (passed to vLLM's --allowed-media-domains);
+        empty: none. allow_remote_media: fetch from any host (vLLM's own default).
+    mm_processor_cache_gb: vLLM's multimodal processor cache; None means off (0). vLLM's default (4 GiB) gave
+        HTTP 500s under concurrent load with reused images on vLLM 0.32 CPU (P0/P1 cache drift), and 0.33 keeps
+        the same cache code (see the README, "Serving safely").
+    insecure: allow binding beyond loopback without an API key.
+    """
+
+    media_domains: tuple[str, ...] = ()
+    allow_remote_media: bool = False
+    mm_processor_cache_gb: float | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.media_domains and self.allow_remote_media:
+            raise ShortLVLMError("--allow-media-domains and --allow-remote-media exclude each other: the first "
+                                 "names the hosts the server may fetch from, the second lets it fetch from any.")
+        if any(not domain or "/" in domain or ":" in domain for domain in self.media_domains):
+            raise ShortLVLMError(f"--allow-media-domains takes host names (like images.example.org), comma-separated, "
+                                 f"not {','.join(self.media_domains)!r}.")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, api_key: str | None, insecure: bool) -> None:
+    """Binding beyond loopback serves anyone who can reach the address: refused without a key or --insecure."""
+    if is_loopback(host) or api_key or os.environ.get("VLLM_API_KEY") or insecure:
+        return
+    raise ShortLVLMError(f"--host {host} lets other machines reach the server: require a key with --api-key KEY "
+                         f"(or $VLLM_API_KEY), or pass --insecure to serve without one.")
+
+
+def _given(extra_args: Sequence[str], flag: str) -> bool:
+    """Whether the arguments passed to vLLM unchanged set `flag` (vLLM accepts "_" for "-" and "--flag=value")."""
+    return any(arg.split("=", 1)[0].replace("_", "-") == flag for arg in extra_args if arg.startswith("--"))
+
+
+def policy_args(policy: ServingPolicy, extra_args: Sequence[str] = ()) -> list[str]:
+    """The vLLM arguments that carry the policy; a setting the user passes to vLLM directly is left to them."""
+    if _given(extra_args, "--allowed-media-domains"):
+        raise ShortLVLMError("name the hosts with --allow-media-domains HOST,... (before --), so that the server's "
+                             "media policy and vLLM's allow-list agree.")
+    args = ["--middleware", MIDDLEWARE]
+    if policy.media_domains:
+        args += ["--allowed-media-domains", *policy.media_domains]
+    if not _given(extra_args, MM_CACHE_FLAG):
+        args += [MM_CACHE_FLAG, f"{policy.mm_processor_cache_gb or 0:g}"]
+    return args
+
+
+def policy_env(policy: ServingPolicy, extra_args: Sequence[str] = ()) -> dict[str, str]:
+    """The middleware's policy, and with named hosts no redirects unless $VLLM_MEDIA_URL_ALLOW_REDIRECTS says so
+    (a redirect could lead anywhere)."""
+    media = {"remote": policy.allow_remote_media, "domains": list(policy.media_domains),
+             "local": _given(extra_args, LOCAL_MEDIA_FLAG)}
+    env = {POLICY_ENV: json.dumps(media)}
+    if policy.media_domains and REDIRECTS_ENV not in os.environ:
+        env[REDIRECTS_ENV] = "0"
+    return env
+
+
+def describe_policy(policy: ServingPolicy, host: str, api_key: str | None, extra_args: Sequence[str] = ()) -> list[str]:
+    """One line per safety setting: what it is now, and how to change it."""
+    key = api_key or os.environ.get("VLLM_API_KEY")
+    if is_loopback(host):
+        binding = f"{host}: this machine only (--host ADDR to serve others, with --api-key KEY or --insecure)"
+    else:
+        binding = f"{host}: reachable by others, " + ("clients need the API key" if key else "NO API KEY (--insecure)")
+    if policy.allow_remote_media:
+        remote = "fetched from any host (--allow-remote-media); drop it to refuse them"
+    elif policy.media_domains:
+        redirects = os.environ.get(REDIRECTS_ENV, "0")
+        remote = (f"fetched only from {', '.join(policy.media_domains)} (--allow-media-domains), redirects "
+                  f"{'followed' if redirects != '0' else 'not followed'} (${REDIRECTS_ENV})")
+    else:
+        remote = "refused with 400 (--allow-media-domains HOST,... or --allow-remote-media to fetch them)"
+    local = ("as vLLM's --allowed-local-media-path allows" if _given(extra_args, LOCAL_MEDIA_FLAG)
+             else "refused with 400 (-- --allowed-local-media-path DIR to allow a directory)")
+    if _given(extra_args, MM_CACHE_FLAG):
+        cache = "as given after --"
+    elif policy.mm_processor_cache_gb:
+        cache = f"{policy.mm_processor_cache_gb:g} GiB (--mm-processor-cache-gb)"
+    else:
+        cache = "off (--mm-processor-cache-gb N to turn it on; vLLM's 4 GiB gave 500s under load)"
+    return [f"  bind address: {binding}", f"  remote image URLs: {remote}", f"  local image files: {local}",
+            f"  multimodal processor cache: {cache}",
+            "  an image that cannot be fetched or read: 400, and the connection stays open"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -96,6 +215,8 @@ class VLLMServer:
         self.api_key = api_key
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
+        self.policy = command_kwargs.get("policy") or ServingPolicy()
+        self.extra_args = tuple(command_kwargs.get("extra_args", ()))
         self.command = server_command(model, host=host, port=self.port, api_key=api_key, **command_kwargs)
         self.process: subprocess.Popen | None = None
 
@@ -110,9 +231,11 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting vLLM for %s on %s (log: %s)", self.model, self.url, self.log_path)
+        for line in describe_policy(self.policy, self.host, self.api_key, self.extra_args):
+            log.info("%s", line)
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT,
-                                        env=server_env(), start_new_session=True)
+                                        env=server_env(self.policy, self.extra_args), start_new_session=True)
         log_file.close()
         self.wait_healthy()
         return self
