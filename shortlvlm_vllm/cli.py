@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from shortlvlm_vllm import __version__
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.files import check_output_file
+from shortlvlm_vllm.files import check_output_file, write_atomic
 
 
 def _layer_list(text: str) -> list[int]:
@@ -420,18 +421,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmark", help=f"take the requests from this benchmark's items ({BENCHMARK_NAMES}); "
                    "default: synthetic pictures with a describe-it prompt")
     p.add_argument("--data", help="a local copy of --benchmark in its hub schema (default: the hub dataset)")
-    p.add_argument("--num-prompts", type=int, default=100,
-                   help="requests in the set; with --benchmark, a subset drawn with --seed (default: %(default)s)")
+    p.add_argument("--num-prompts", type=int,
+                   help="requests in the set; with --benchmark, a subset drawn with --seed (default: 100; with "
+                   f"--soak {SOAK_DEFAULTS['num_prompts']}, each reused)")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, help="requests in flight (default: all at once)")
+    load.add_argument("--concurrency", type=int, help="requests in flight (default: all at once; with --soak the "
+                      f"number of clients, {SOAK_DEFAULTS['concurrency']})")
     load.add_argument("--request-rate", type=float, help="requests per second, Poisson arrivals (default: all at once)")
-    p.add_argument("--output-len", type=int, default=128, help="tokens generated per request (default: %(default)s)")
+    p.add_argument("--output-len", type=int, help="tokens generated per request (default: 128; with --soak at most "
+                   f"{SOAK_DEFAULTS['output_len']})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the request set and of the arrivals (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds without a reply byte before a request fails (default: %(default)s)")
     p.add_argument("-o", "--output", type=Path, help="write the summary to this JSON file")
+    soak = p.add_argument_group("soak (a server on this machine only)")
+    soak.add_argument("--soak", type=float, metavar="SECONDS",
+                      help="instead of a replay, keep --concurrency clients busy for SECONDS with a mix of valid, "
+                      "streamed, abandoned and invalid requests; report status classes, lost valid requests, latency "
+                      "and the server's memory; exit 1 if a 5xx came, a valid request was lost or memory grew 2%% "
+                      "or more after the first minute")
+    soak.add_argument("--server-pid", type=int, help="the server process whose tree's memory is sampled (default: "
+                      "the process listening on the --base-url port)")
     p.set_defaults(func=_run_bench)
+
+
+SOAK_DEFAULTS = {"num_prompts": 8, "concurrency": 64, "output_len": 16}
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -442,12 +457,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise ShortLVLMError("--data names a copy of a benchmark; say which one with --benchmark.")
     if args.output is not None:
         check_output_file(args.output, [args.data] if args.data else [])
+    if args.soak is None and args.server_pid is not None:
+        raise ShortLVLMError("--server-pid belongs to --soak.")
+    defaults = SOAK_DEFAULTS if args.soak is not None else {"num_prompts": 100, "output_len": 128}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.benchmark:
         from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
 
         requests = requests_from_items(get_benchmark(args.benchmark).load(args.data, args.num_prompts, args.seed))
     else:
         requests = synthetic_requests(args.num_prompts, args.seed)
+    if args.soak is not None:
+        return _soak(args, requests)
     result = run_throughput(Endpoint(args.base_url, args.model, args.api_key), requests, output_len=args.output_len,
                             concurrency=args.concurrency, request_rate=args.request_rate, seed=args.seed,
                             timeout_s=args.timeout)
@@ -455,6 +478,22 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.output:
         print(f"wrote {result.write_json(args.output)}")
     return 0
+
+
+def _soak(args: argparse.Namespace, requests) -> int:
+    from shortlvlm_vllm.evaluation.client import Endpoint
+    from shortlvlm_vllm.evaluation.soak import Soak, SoakConfig, describe_soak
+
+    if args.request_rate is not None:
+        raise ShortLVLMError("--soak keeps --concurrency clients busy; --request-rate does not apply.")
+    config = SoakConfig(clients=args.concurrency, duration_s=args.soak, output_len=args.output_len,
+                        timeout_s=args.timeout, seed=args.seed)
+    result = Soak(Endpoint(args.base_url, args.model, args.api_key), requests, config, args.server_pid).run()
+    print(describe_soak(result))
+    if args.output:
+        path = write_atomic(args.output, json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0 if all(ok is not False for ok in result.passed.values()) else 1
 
 
 def _add_matrix(sub: argparse._SubParsersAction) -> None:
