@@ -34,13 +34,19 @@ def with_side_paths(checkpoint: Path, dtype: torch.dtype = torch.float32) -> Lla
 
 
 @torch.no_grad()
-def reference_generate(model, processor, image, question: str, budget: int, new_tokens: int):
+def reference_generate(model, processor, image, question: str, budget: int | None, new_tokens: int):
     """transformers' LLaVA with the same visual-token selection: [CLS] attention and keys from the vision tower's own
-    (eager) attention at the feature layer, then the K selected tokens in K placeholders.
+    (eager) attention at the feature layer, then the K selected tokens in K placeholders; budget None: every token,
+    the stock model.
 
     Returns the prompt length, the greedy tokens and each step's top-5 token ids."""
     text = processor.apply_chat_template([template_image_turn(question)], add_generation_prompt=True)
-    inputs = processor(images=image, text=text, return_tensors="pt")
+    inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
+    if budget is None:
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        return (inputs["input_ids"].shape[1], out.sequences[0, -new_tokens:].tolist(),
+                [logits[0].topk(TOP).indices.tolist() for logits in out.logits])
     tower = model.model.vision_tower
     layers = tower.encoder.layers
     feature_index = model.config.vision_feature_layer % (len(layers) + 1)  # hidden_states[i] = output of layer i-1
@@ -59,7 +65,8 @@ def reference_generate(model, processor, image, question: str, budget: int, new_
     ids = torch.cat([ids[: image_positions[0] + budget], ids[image_positions[-1] + 1:]])
     embeds = model.get_input_embeddings()(ids).clone()
     embeds[image_positions[0]: image_positions[0] + budget] = image_embeds
-    out = model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    out = model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                               device=model.device),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
     return len(ids), out.sequences[0, -new_tokens:].tolist(), [logits[0].topk(TOP).indices.tolist()
