@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint directory (default: build a LLaVA-shaped random model)")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating timed rounds of each")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds; each times both on every sample")
+    parser.add_argument("--warmup", type=int, help="samples of the untimed warm-up forward (default: all)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--output", type=Path, default=Path("eval/results/bench_calibration.json"))
@@ -58,22 +60,30 @@ def main() -> None:
         device = next(model.parameters()).device
 
         @torch.no_grad()
-        def plain() -> None:
+        def plain(batch) -> None:
             """The same samples through the same processor, without hooks: what calibration adds is the rest."""
-            for sample in samples:
+            for sample in batch:
                 model(**calibration_inputs(processor, sample).to(device), use_cache=False)
 
-        def calibrate() -> None:
-            run_calibration(model, processor, src.adapter, samples, candidates)
+        def calibrate(batch) -> None:
+            run_calibration(model, processor, src.adapter, batch, candidates)
 
         rss_before = _peak_rss_mb()
         times: dict[str, list[float]] = {"plain": [], "calibration": []}
-        plain()  # warm-up
+        per_sample: list[float] = []  # calibration / plain on each sample, for the spread
+        plain(samples[: args.warmup])
         for _ in range(args.repeats):
-            for name, fn in (("plain", plain), ("calibration", calibrate)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+            total = dict.fromkeys(times, 0.0)
+            for sample in samples:  # alternating on each sample, so a change in machine load hits both alike
+                seconds = {}
+                for name, fn in (("plain", plain), ("calibration", calibrate)):
+                    start = time.perf_counter()
+                    fn([sample])
+                    seconds[name] = time.perf_counter() - start
+                    total[name] += seconds[name]
+                per_sample.append(seconds["calibration"] / seconds["plain"])
+            for name in times:
+                times[name].append(total[name])
         best = {k: min(v) for k, v in times.items()}
         d = model.config.get_text_config().hidden_size
         shape = f"random LLaVA-shaped, hidden {args.hidden}, {args.layers} layers"
@@ -85,6 +95,9 @@ def main() -> None:
             "plain_forward_s": round(best["plain"], 3),
             "calibration_s": round(best["calibration"], 3),
             "ratio": round(best["calibration"] / best["plain"], 3),
+            "ratio_per_sample": [round(r, 3) for r in per_sample],
+            "ratio_per_sample_mean_std": [round(statistics.mean(per_sample), 3),
+                                          round(statistics.stdev(per_sample), 3) if len(per_sample) > 1 else None],
             "peak_rss_mb_before": round(rss_before, 1),
             "peak_rss_mb_after": round(_peak_rss_mb(), 1),
             "scp_features_mb": round(src.num_layers * args.samples * d * 4 / 2**20, 2),

@@ -37,6 +37,7 @@ def _prune_flags() -> dict[str, tuple[str, object]]:
               "scp_target": ("compensation.target", comp.target), "calib": ("calibration.source", None)}
     flags |= {name: (f"calibration.{name}", getattr(cal, name)) for name in
               ("num_samples", "heldout", "image_root", "split", "image_column", "question_column", "answer_column")}
+    flags["calib_batch_size"] = ("calibration.batch_size", cal.batch_size)
     flags["seed"] = ("seed", recipe.seed)  # also the calibration draw's seed
     return flags
 
@@ -83,6 +84,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     add(cal, "--image-column", "datasets column holding the image")
     add(cal, "--question-column", "datasets column holding the question")
     add(cal, "--answer-column", "datasets column holding the reference answer")
+    add(cal, "--calib-batch-size", "calibration samples per forward pass, padded to the longest (more is faster on "
+        "a GPU; the statistics are the same)", type=int)
     alg = p.add_argument_group("algorithm")
     add(alg, "--localize", "how to find redundant layers", choices=list(LOCALIZERS))
     add(alg, "--candidates", "layers that may be pruned, e.g. 16-31 or 3,5,10-12 (default: the second half)")
@@ -97,8 +100,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "the checkpoint then names the plugin's model class. Alone, or with --ratio/--drop-layers",
         type=int, metavar="K")
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (several GPUs: device_map) "
-                     "(default: %(default)s)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, several devices comma-separated "
+                     "(cuda:0,cuda:1: the decoder layers split in contiguous groups over them), or auto (every GPU, "
+                     "else the CPU) (default: %(default)s)")
     run.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                      help="calibration dtype (default: %(default)s)")
     add(run, "--revision", "hub revision (branch, tag or commit) of the source")
@@ -127,7 +131,8 @@ def prune_recipe_from_args(args: argparse.Namespace):
     removes_layers = value["ratio"] is not None or value["drop_layers"] is not None
     calibration = None
     if value["calib"]:
-        calibration = CalibrationSource(value["calib"], **{name: value[name] for name, (path, _) in flags.items()
+        calibration = CalibrationSource(value["calib"], **{path.removeprefix("calibration."): value[name]
+                                                           for name, (path, _) in flags.items()
                                                            if path.startswith("calibration.") and name != "calib"},
                                         seed=value["seed"])
     method = value["compensate"] or ("scp" if calibration and removes_layers else "none")
@@ -246,6 +251,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "valid requests with HTTP 500 under concurrent load)")
     safety.add_argument("--insecure", action="store_true",
                         help="allow a --host beyond loopback without --api-key")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split every layer over this many GPUs (without a GPU: CPU worker processes, each bound "
+                   "to its own share of the cores) (default: %(default)s)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="split the decoder layers into this many stages, one per GPU or CPU worker "
+                   "(default: %(default)s)")
     p.set_defaults(func=_run_serve)
 
 
@@ -255,7 +266,13 @@ def _host_list(text: str) -> tuple[str, ...]:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from shortlvlm_vllm.checkpoint.hub import SHIPPED_MODELS, is_hub_id
-    from shortlvlm_vllm.serving.launcher import ServingPolicy, describe_policy, server_command, server_env
+    from shortlvlm_vllm.serving.launcher import (
+        ServingPolicy,
+        describe_policy,
+        placement_env,
+        server_command,
+        server_env,
+    )
 
     model = args.model
     if not Path(model).is_dir():
@@ -268,12 +285,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     cmd = server_command(model, host=args.host, port=args.port, api_key=args.api_key,
                          max_model_len=args.max_model_len, dtype=args.dtype,
                          served_model_name=args.served_model_name,
-                         enforce_eager=args.enforce_eager, extra_args=args.passthrough, policy=policy)
+                         enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                         pipeline_parallel_size=args.pipeline_parallel_size, extra_args=args.passthrough,
+                         policy=policy)
+    placement = placement_env(args.tensor_parallel_size * args.pipeline_parallel_size)
     print("serving with these settings:")
     print("\n".join(describe_policy(policy, args.host, args.api_key, args.passthrough)))
     shown = ["***" if i and cmd[i - 1] == "--api-key" else part for i, part in enumerate(cmd)]
-    print("running:", " ".join(shown), flush=True)
-    os.execvpe(cmd[0], cmd, server_env(policy, args.passthrough))
+    print("running:", " ".join([*(f"{name}={value}" for name, value in placement.items()), *shown]), flush=True)
+    os.execvpe(cmd[0], cmd, server_env(policy, args.passthrough) | placement)
     return 0  # not reached
 
 
@@ -360,10 +380,19 @@ BENCHMARK_NAMES = "pope, mme, mmbench, scienceqa, seedbench, aokvqa or synthetic
 
 
 def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--base-url", required=True, action="extend", nargs="+", metavar="URL",
+                   help="the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1; several (repeat the flag or "
+                   "list them) are replicas of one model that share the requests (data parallelism)")
     p.add_argument("--model", required=True, help="the served model name (vLLM's --served-model-name, else its path)")
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", "EMPTY"),
                    help="key the server requires (default: $VLLM_API_KEY, else none)")
+
+
+def _endpoints(args: argparse.Namespace) -> list:
+    """The servers --base-url names, each serving --model."""
+    from shortlvlm_vllm.evaluation.client import Endpoint
+
+    return [Endpoint(url, args.model, args.api_key) for url in args.base_url]
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -375,14 +404,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "answered request is appended to OUT_DIR/records.jsonl at once; the scores go to OUT_DIR/scores.json. "
         "Connection errors, timeouts and 5xx replies are retried with exponential backoff; a request the server "
         "refuses (4xx) is recorded as failed and counted wrong. If the server stays unreachable the run stops, "
-        "and rerunning the same command resumes where it stopped.",
+        "and rerunning the same command resumes where it stopped. Several --base-url replicas of one model (one "
+        "vLLM per GPU or node) share the items, each asked once; on one machine, vLLM's own --data-parallel-size "
+        "behind one URL does the same.",
     )
     p.add_argument("benchmark", help=BENCHMARK_NAMES)
     _add_endpoint_arguments(p)
     p.add_argument("--data", help="a local copy of the benchmark in its hub schema (default: the hub dataset)")
     p.add_argument("--limit", type=int, help="ask a subset of this many items, drawn with --seed (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight on each server (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds without a reply byte before a request counts as timed out and is retried "
                    "(default: %(default)s)")
@@ -395,11 +427,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
-    from shortlvlm_vllm.evaluation.client import ClientConfig, Endpoint, run_benchmark
+    from shortlvlm_vllm.evaluation.client import ClientConfig, run_benchmark
 
     config = ClientConfig(concurrency=args.concurrency, timeout_s=args.timeout, max_retries=args.max_retries)
-    scores = run_benchmark(Endpoint(args.base_url, args.model, args.api_key), get_benchmark(args.benchmark),
-                           args.output, source=args.data, limit=args.limit, seed=args.seed, config=config)
+    scores = run_benchmark(_endpoints(args), get_benchmark(args.benchmark), args.output, source=args.data,
+                           limit=args.limit, seed=args.seed, config=config)
     width = max(len(name) for name in scores)
     print(f"{args.benchmark} on {args.model}:")
     for name, value in scores.items():
@@ -415,7 +447,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         description="Replay a fixed set of image requests against a served model, streamed, all at once, with "
         "--concurrency in flight, or arriving at --request-rate (seeded Poisson), and report requests/s, tokens/s, "
         "TTFT, TPOT and ITL with vLLM's definitions. Every request generates exactly --output-len tokens "
-        "(ignore_eos), so two models compare on the same work. One warm-up request goes first, not counted.",
+        "(ignore_eos), so two models compare on the same work. One warm-up request per server goes first, not "
+        "counted. With several --base-url replicas, request i goes to replica i mod n.",
     )
     _add_endpoint_arguments(p)
     p.add_argument("--benchmark", help=f"take the requests from this benchmark's items ({BENCHMARK_NAMES}); "
@@ -425,8 +458,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="requests in the set; with --benchmark, a subset drawn with --seed (default: 100; with "
                    f"--soak {SOAK_DEFAULTS['num_prompts']}, each reused)")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, help="requests in flight (default: all at once; with --soak the "
-                      f"number of clients, {SOAK_DEFAULTS['concurrency']})")
+    load.add_argument("--concurrency", type=int, help="requests in flight, on all servers together (default: all at "
+                      f"once; with --soak the number of clients, {SOAK_DEFAULTS['concurrency']})")
     load.add_argument("--request-rate", type=float, help="requests per second, Poisson arrivals (default: all at once)")
     p.add_argument("--output-len", type=int, help="tokens generated per request (default: 128; with --soak at most "
                    f"{SOAK_DEFAULTS['output_len']})")
@@ -450,7 +483,6 @@ SOAK_DEFAULTS = {"num_prompts": 8, "concurrency": 64, "output_len": 16}
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from shortlvlm_vllm.evaluation.client import Endpoint
     from shortlvlm_vllm.evaluation.throughput import describe, requests_from_items, run_throughput, synthetic_requests
 
     if args.data and not args.benchmark:
@@ -471,7 +503,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         requests = synthetic_requests(args.num_prompts, args.seed)
     if args.soak is not None:
         return _soak(args, requests)
-    result = run_throughput(Endpoint(args.base_url, args.model, args.api_key), requests, output_len=args.output_len,
+    result = run_throughput(_endpoints(args), requests, output_len=args.output_len,
                             concurrency=args.concurrency, request_rate=args.request_rate, seed=args.seed,
                             timeout_s=args.timeout)
     print(describe(result))
@@ -488,7 +520,9 @@ def _soak(args: argparse.Namespace, requests) -> int:
         raise ShortLVLMError("--soak keeps --concurrency clients busy; --request-rate does not apply.")
     config = SoakConfig(clients=args.concurrency, duration_s=args.soak, output_len=args.output_len,
                         timeout_s=args.timeout, seed=args.seed)
-    result = Soak(Endpoint(args.base_url, args.model, args.api_key), requests, config, args.server_pid).run()
+    if len(args.base_url) != 1:
+        raise ShortLVLMError("--soak loads one server: give one --base-url.")
+    result = Soak(Endpoint(args.base_url[0], args.model, args.api_key), requests, config, args.server_pid).run()
     print(describe_soak(result))
     if args.output:
         path = write_atomic(args.output, json.dumps(result.to_dict(), indent=1) + "\n")

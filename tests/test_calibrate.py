@@ -9,18 +9,21 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shortlvlm_vllm.adapters import adapter_for_config
+from shortlvlm_vllm.adapters.llava import LLAVA
 from shortlvlm_vllm.data.calibration import CalibrationSample, calibration_inputs
 from shortlvlm_vllm.prune.calibrate import (
     TokenLayout,
     _Accumulator,
     _hooks,
     _SampleRecorder,
+    collate,
     run_calibration,
     select_top_tokens,
     tis_from_sums,
     token_importance_chunked,
 )
 from shortlvlm_vllm.prune.localize import LOCALIZERS
+from shortlvlm_vllm.prune.pipeline import calibration_devices, load_model, split_device_map
 
 from .conftest import IMAGE_SIZES, random_image
 
@@ -127,7 +130,7 @@ class _KeepScores(_SampleRecorder):
 
     def on_attention(self, layer, query, key, scaling):
         if layer in self.candidates:
-            self.scores[layer] = token_importance_chunked(query[0], key[0], scaling, self.layout)
+            self.scores[layer] = token_importance_chunked(query[0], key[0], scaling, self.layouts[0])
         super().on_attention(layer, query, key, scaling)
 
 
@@ -143,7 +146,7 @@ def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_vlm):
         inputs = calibration_inputs(processor, sample)
         layout = TokenLayout.from_input_ids(inputs["input_ids"], getattr(sdpa.config, adapter.image_token_config_key))
         recorder = _KeepScores(_Accumulator(8, [4, 5, 6, 7], 1, 128), 0.1)
-        recorder.start(0, layout)
+        recorder.start(0, [layout], [inputs["input_ids"].shape[1]])
         with _hooks(sdpa, adapter, recorder):
             hooked_logits = sdpa(**inputs).logits
         torch.testing.assert_close(hooked_logits, sdpa(**inputs).logits)  # the hooks change nothing
@@ -171,3 +174,79 @@ def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_vlm):
         assert pruned == [5], name
     assert stats.angular[5, 5] == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(stats.angular[6, 5]) and stats.angular[4, 6] > 0
+
+
+def _statistics_close(a, b) -> None:
+    assert a.num_samples == b.num_samples
+    for name, scores in a.cosine.items():
+        assert scores == pytest.approx(b.cosine[name], abs=1e-6), name
+    torch.testing.assert_close(a.angular, b.angular, equal_nan=True, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-5)
+
+
+def _uneven_samples(n):
+    """Answers of different lengths (and, for Qwen, images of two token counts): batches need padding."""
+    return [CalibrationSample(str(i), "What is in the image?", "A red square" + " and a blue circle" * (i % 4),
+                              random_image(i, IMAGE_SIZES[i % 2])) for i in range(n)]
+
+
+@torch.no_grad()
+def test_batches_give_the_statistics_of_one_sample_at_a_time(tiny_vlm):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    samples = _uneven_samples(7)
+    lengths = {calibration_inputs(processor, sample)["input_ids"].shape[1] for sample in samples}
+    assert len(lengths) > 2  # padding is exercised
+    one = run_calibration(model, processor, _adapter(model), samples, [4, 5, 6, 7])
+    batched = run_calibration(model, processor, _adapter(model), samples, [4, 5, 6, 7], batch_size=3)
+    _statistics_close(batched, one)
+    assert batched.features.shape == (8, 7, 128)
+
+
+def test_batch_padding_is_on_the_right_and_masked():
+    first = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "pixel_values": torch.zeros(1, 3, 4, 4)}
+    second = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+              "pixel_values": torch.ones(1, 3, 4, 4)}
+    batch = collate([first, second], pad_token_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["pixel_values"][1].eq(1).all()
+
+
+def test_a_device_map_splits_the_decoder_layers_in_contiguous_groups(tiny_llava):
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_llava))
+    device_map = split_device_map(skeleton, LLAVA.decoder_layers_module, ["cuda:0", "cuda:1"])
+    layers = {int(k.rsplit(".", 1)[1]): v for k, v in device_map.items() if k.startswith(LLAVA.decoder_layers_module)}
+    assert layers == {i: "cuda:0" if i < 4 else "cuda:1" for i in range(8)}
+    assert {v for k, v in device_map.items() if not k.startswith(LLAVA.decoder_layers_module)} == {"cuda:0"}
+    # every weight is placed exactly once: by its own entry or an ancestor's
+    for name, _ in skeleton.named_parameters():
+        owners = [k for k in device_map if name == k or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)
+    assert calibration_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"] and calibration_devices("cpu") == ["cpu"]
+
+
+def test_calibration_over_a_device_map_gives_the_single_device_statistics(tiny_llava, monkeypatch):
+    """The path `--device auto` takes with several GPUs, on what this machine has: load_model builds the split map
+    (here over "cpu,cpu"), and accelerate's dispatch hooks (what moves hidden states between GPUs) run around every
+    module, forced on since both groups are on one device. Statistics are accumulated on the CPU either way."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForImageTextToText as Auto
+
+    maps = []
+    original = Auto.from_pretrained.__func__
+    monkeypatch.setattr(Auto, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: maps.append(kw.get("device_map")) or original(cls, *a, **kw)))
+    samples = _uneven_samples(4)
+    single, processor = load_model(tiny_llava, "cpu", "float32")
+    split, _ = load_model(tiny_llava, "cpu,cpu", "float32")
+    assert maps[0] is None and sum(k.startswith(LLAVA.decoder_layers_module + ".") for k in maps[1]) == 8
+    dispatch_model(split, maps[1], force_hooks=True)
+    assert hasattr(LLAVA.decoder_layers(split)[5], "_hf_hook")
+    stats = {name: run_calibration(model, processor, LLAVA, samples, [4, 5, 6, 7], batch_size=2)
+             for name, model in (("single", single), ("split", split))}
+    _statistics_close(stats["split"], stats["single"])

@@ -391,3 +391,66 @@ def test_cli_eval_and_bench(server, tmp_path, monkeypatch, capsys):
     assert main(["eval", "yesno", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--model", "fake",
                  "--max-retries", "0", "-o", str(tmp_path / "dead")]) == 2
     assert "resumes" in capsys.readouterr().err
+
+
+# Data parallelism: several replicas of one model share the requests.
+
+
+@pytest.fixture
+def replica():
+    with FakeServer() as running:
+        yield running
+
+
+def test_replicas_share_the_items_each_asked_once(server, replica, tmp_path):
+    server.delay_s = replica.delay_s = 0.02  # both get work
+    scores = run_benchmark([server.endpoint, replica.endpoint], YesNo(size=40), tmp_path / "two", config=FAST)
+    records = _lines(tmp_path / "two" / RECORDS_NAME)
+    assert sorted(r["id"] for r in records) == sorted(f"q{i}" for i in range(40))
+    assert all(server.calls[f"q{i}"] + replica.calls[f"q{i}"] == 1 for i in range(40))
+    by_server = Counter(r["server"] for r in records)
+    assert by_server == {server.endpoint.base_url: sum(server.calls.values()),
+                         replica.endpoint.base_url: sum(replica.calls.values())}
+    assert min(by_server.values()) >= 10
+    assert scores == run_benchmark(server.endpoint, YesNo(size=40), tmp_path / "one", config=FAST)
+
+
+def test_a_replica_down_mid_run_stops_it_and_a_rerun_on_the_others_resumes(server, replica, tmp_path):
+    server.delay_s = replica.delay_s = 0.02
+    replica.down_after = 3
+    with pytest.raises(ShortLVLMError, match="rerunning the same command resumes") as exc:
+        run_benchmark([server.endpoint, replica.endpoint], YesNo(size=40), tmp_path, config=FAST)
+    assert replica.endpoint.base_url in str(exc.value) and server.endpoint.base_url not in str(exc.value)
+    finished = _ids(tmp_path / RECORDS_NAME)
+    assert 3 <= len(finished) < 40
+    server.calls.clear()
+    assert run_benchmark([server.endpoint], YesNo(size=40), tmp_path, config=FAST) == {"accuracy": 1.0}
+    assert sorted(_ids(tmp_path / RECORDS_NAME)) == sorted(f"q{i}" for i in range(40))  # every id exactly once
+    assert sum(server.calls.values()) == 40 - len(finished) and not any(server.calls[i] for i in finished)
+
+
+def test_replicas_must_be_one_model_each_named_once(server, replica, tmp_path):
+    with pytest.raises(ShortLVLMError, match="one model under one name"):
+        run_benchmark([server.endpoint, Endpoint(replica.endpoint.base_url, "other")], YesNo(), tmp_path, config=FAST)
+    with pytest.raises(ShortLVLMError, match="named twice"):
+        run_benchmark([server.endpoint, server.endpoint], YesNo(), tmp_path, config=FAST)
+    assert not server.bodies and not replica.bodies
+
+
+def test_throughput_spreads_the_requests_in_turn(server, replica):
+    result = run_throughput([server.endpoint, replica.endpoint], synthetic_requests(6, image_size=32), output_len=5,
+                            concurrency=4)
+    assert (result.completed, result.failed, result.total_output_tokens, result.servers) == (6, 0, 30, 2)
+    assert len(server.bodies) == len(replica.bodies) == 4  # one warm-up each, then requests 0, 2, 4 and 1, 3, 5
+
+
+def test_cli_takes_several_base_urls(server, replica, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("shortlvlm_vllm.evaluation.benchmarks.get_benchmark", lambda name: YesNo(), raising=False)
+    urls = [server.endpoint.base_url, replica.endpoint.base_url]
+    assert main(["eval", "yesno", "--base-url", urls[0], "--base-url", urls[1], "--model", "fake",
+                 "--concurrency", "1", "-o", str(tmp_path / "eval")]) == 0
+    assert {r["server"] for r in _lines(tmp_path / "eval" / RECORDS_NAME)} == set(urls)
+    assert main(["bench", "--base-url", *urls, "--model", "fake", "--num-prompts", "4", "--output-len", "3",
+                 "-o", str(tmp_path / "bench.json")]) == 0
+    assert json.loads((tmp_path / "bench.json").read_text())["servers"] == 2
+    assert "Servers (replicas)" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The evaluation client and the throughput mode against a live vLLM server of the tiny LLaVA, and the fault the
-client exists for: the server killed mid-run and restarted on the same port. One server start for the module, one
-restart in the last test."""
+client exists for: the server killed mid-run and restarted on the same port; and two replicas of the model sharing one
+evaluation (data parallelism). Two server starts for the module (the server and its replica), one restart in the last
+test."""
 
 from __future__ import annotations
 
@@ -80,6 +81,45 @@ def test_throughput_does_the_requested_work(endpoint):
     assert result.duration > 0 and result.request_throughput == pytest.approx(8 / result.duration)
     assert 0 < result.median_ttft_ms <= result.p99_ttft_ms and 0 < result.median_tpot_ms <= result.p99_tpot_ms
     assert result.mean_itl_ms > 0
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_llava, tmp_path_factory):
+    """A second server of the same checkpoint under the same name: a data-parallel replica."""
+    log_path = tmp_path_factory.mktemp("logs") / "replica.log"
+    with VLLMServer(tiny_llava, log_path=log_path, dtype="float32", served_model_name=MODEL, startup_timeout=1500,
+                    extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
+        yield running
+
+
+def test_two_replicas_answer_each_question_once_and_score_as_one_server(endpoint, replica, tmp_path, monkeypatch):
+    """One request in flight per server, so each reply is computed alone, as in the single-server run: the same
+    answers, whichever replica gave them."""
+    items = Synthetic().load(limit=24)
+    ids = sorted(item.id for item in items)
+    one_at_a_time = ClientConfig(concurrency=1, timeout_s=300)
+    asked: list[str] = []
+    original = client_module.with_retries
+
+    def counting(call, config, what):
+        if what.startswith("request "):
+            asked.append(what.removeprefix("request "))
+        return original(call, config, what)
+
+    monkeypatch.setattr(client_module, "with_retries", counting)
+    single = run_benchmark(endpoint, Synthetic(), tmp_path / "one", limit=24, config=one_at_a_time)
+    assert sorted(asked) == ids
+    asked.clear()
+    replicas = [endpoint, Endpoint(replica.base_url, MODEL, replica.api_key)]
+    both = run_benchmark(replicas, Synthetic(), tmp_path / "two", limit=24, config=one_at_a_time)
+    assert sorted(asked) == ids  # each question asked once, of one replica
+    records = {name: {r["id"]: r for r in _records(tmp_path / name / RECORDS_NAME)} for name in ("one", "two")}
+    assert sorted(records["two"]) == ids and len(_records(tmp_path / "two" / RECORDS_NAME)) == len(ids)
+    by_server = {url: sum(r["server"] == url for r in records["two"].values()) for url in
+                 (endpoint.base_url, replica.base_url)}
+    assert min(by_server.values()) >= 4, by_server  # both replicas answered
+    assert {i: r["answer"] for i, r in records["two"].items()} == {i: r["answer"] for i, r in records["one"].items()}
+    assert both == single
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:

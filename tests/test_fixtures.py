@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from shortlvlm_vllm.chat import template_image_turn
-from shortlvlm_vllm.tiny_models import build_tiny_llava
+from shortlvlm_vllm.tiny_models import (
+    build_byte_tokenizer,
+    build_tiny_llava,
+    llava_config,
+    llava_processor,
+    write_random_llava,
+)
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 
@@ -72,3 +79,23 @@ def test_qwen_same_seed_same_bytes(tmp_path):
     b = build_tiny_qwen_vl(tmp_path / "b", "qwen2_5_vl", num_layers=2)
     for name in sorted(p.name for p in a.iterdir()):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_random_checkpoint_of_any_size_is_written_shard_by_shard(tmp_path):
+    """write_random_llava (the 7B-shaped benchmark's writer) on a small config: hub layout, several shards and an
+    index, loadable with every weight, norms one and biases zero, a tokenizer as large as the vocabulary."""
+    tokenizer = build_byte_tokenizer(vocab_size=1024)
+    assert len(tokenizer) == 1024 and tokenizer.decode(tokenizer("a cat")["input_ids"][1:]) == "a cat"
+    config = llava_config(tokenizer, num_layers=3, hidden_size=128, intermediate_size=320, num_heads=4, num_kv_heads=4,
+                          vocab_size=1024, vision_hidden_size=64, vision_heads=2, image_size=28, patch_size=14)
+    out = write_random_llava(config, llava_processor(tokenizer, config), tmp_path / "m", max_shard_bytes=200_000)
+    shards = sorted(out.glob("*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 3 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert "language_model.model.layers.2.mlp.down_proj.weight" in index["weight_map"]
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    layer = model.model.language_model.layers[1]
+    assert layer.input_layernorm.weight.eq(1).all() and model.model.vision_tower.pre_layrnorm.bias.eq(0).all()
+    assert 0.015 < float(layer.mlp.up_proj.weight.detach().float().std()) < 0.025  # normal(0, 0.02)
+    assert model.dtype == torch.bfloat16 and model.config.text_config.head_dim == 32

@@ -106,3 +106,40 @@ def test_a_directory_measured_on_other_weights_is_not_resumed(tiny_llava, tmp_pa
     (legacy / "arms" / "full" / "result.json").write_text("{}")
     with pytest.raises(ShortLVLMError, match="did not record"):
         Matrix(config, legacy).check_source()
+
+
+def test_replicas_give_each_arm_several_servers_sharing_the_requests(tiny_llava, tmp_path, monkeypatch):
+    from shortlvlm_vllm.evaluation.throughput import RequestTiming, summarize
+
+    started = []
+
+    class Server:
+        def __init__(self, model, *, log_path, served_model_name, replica, replicas, **kwargs):
+            started.append((replica, replicas, log_path.name))
+            log_path.parent.mkdir(parents=True, exist_ok=True)  # as VLLMServer.start does
+            self.base_url, self.api_key = f"http://replica-{replica}/v1", "EMPTY"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    seen = {}
+    monkeypatch.setattr("shortlvlm_vllm.serving.launcher.VLLMServer", Server)
+    monkeypatch.setattr("shortlvlm_vllm.evaluation.client.run_benchmark",
+                        lambda endpoints, *args, **kwargs: seen.update(eval=endpoints) or {"accuracy": 0.5})
+    monkeypatch.setattr("shortlvlm_vllm.evaluation.throughput.run_throughput",
+                        lambda endpoints, *args, **kwargs: seen.update(bench=endpoints) or summarize(
+                            [RequestTiming(1.0, 0.1, (0.1,), 10, 2)], 1.0, output_len=2, servers=len(endpoints)))
+    path = tmp_path / "matrix.yaml"
+    path.write_text(f"model: {tiny_llava}\nreplicas: 2\ngrid: {{ratio: [0]}}\n"
+                    "benchmark: {name: synthetic, limit: 4}\nthroughput: {num_prompts: 2, output_len: 2}\n")
+    result = Matrix(load_config(path), tmp_path / "out").run()[0]
+    assert started == [(0, 2, "server-0.log"), (1, 2, "server-1.log")]
+    assert [e.base_url for e in seen["eval"]] == [e.base_url for e in seen["bench"]] == [
+        "http://replica-0/v1", "http://replica-1/v1"]
+    assert result["throughput"]["servers"] == 2
+    path.write_text(f"model: {tiny_llava}\nreplicas: 0\ngrid: {{ratio: [0]}}\n")
+    with pytest.raises(ShortLVLMError, match="replicas 0 must be"):
+        load_config(path)

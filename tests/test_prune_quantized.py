@@ -29,10 +29,11 @@ from shortlvlm_vllm.quantize.dequantize import dequantized_copy
 from shortlvlm_vllm.quantize.driver import QuantizeRecipe, quantize_checkpoint
 from shortlvlm_vllm.serving.launcher import VLLMServer
 from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
-from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY, attach_side_paths
+from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY
 from shortlvlm_vllm.tiny_models import build_tiny_llava
 
 from .conftest import random_image
+from .serving_reference import with_side_paths
 
 LAYER = "language_model.model.layers."
 RANK = 8
@@ -147,17 +148,6 @@ def folded_and_unfused(tiny_llava, llava_calib, tmp_path_factory) -> tuple[Path,
     return folded, unfused, write_plan(src, out / "none", recipe, plan)
 
 
-def _with_side_paths(checkpoint: Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
-    """Stock transformers' LLaVA (it ignores the bases) with the side paths attached and their bases loaded."""
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).eval()
-    spec = _config(checkpoint)["short_lvlm"][CONFIG_KEY]
-    side_paths = attach_side_paths(LLAVA.decoder_layers(model), spec, model.config.text_config.hidden_size)
-    tensors = _tensors(checkpoint)
-    for layer, side_path in side_paths.items():
-        side_path.basis.copy_(tensors[f"{LAYER}{layer}.{BASIS_KEY}"])
-    return model
-
-
 def _inputs(processor, seed: int, question: str) -> dict[str, torch.Tensor]:
     text = processor.apply_chat_template([template_image_turn(question)], add_generation_prompt=True)
     return processor(images=random_image(seed), text=text, return_tensors="pt")
@@ -167,7 +157,7 @@ def _inputs(processor, seed: int, question: str) -> dict[str, torch.Tensor]:
 def test_unfused_equals_folded_in_transformers(folded_and_unfused):
     folded_dir, unfused_dir, none_dir = folded_and_unfused
     processor = AutoProcessor.from_pretrained(folded_dir)
-    unfused = _with_side_paths(unfused_dir)
+    unfused = with_side_paths(unfused_dir)
     folded = LlavaForConditionalGeneration.from_pretrained(folded_dir, dtype=torch.float32).eval()
     uncompensated = LlavaForConditionalGeneration.from_pretrained(none_dir, dtype=torch.float32).eval()
     # Folding the stored (bfloat16) bases gives the side path's outputs to float32 precision.
@@ -186,6 +176,45 @@ def test_unfused_equals_folded_in_transformers(folded_and_unfused):
         difference = (logits["unfused"] - logits["folded"]).abs().max()
         assert difference < 2e-3 * scale
         assert (logits["none"] - logits["folded"]).abs().max() > 20 * difference
+
+
+class _LoRAWrapped(torch.nn.Module):
+    """What vLLM's LoRA does to down_proj (RowParallelLinearWithLoRA): replace it by a module that holds it as
+    `base_layer` and computes base + s B A x from its weight, without ever calling the original module."""
+
+    def __init__(self, base_layer, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer, self.a, self.b = base_layer, a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.base_layer.weight) + x @ self.a.T @ self.b.T
+
+
+@torch.no_grad()
+def test_side_paths_survive_a_lora_wrapper_around_down_proj(folded_and_unfused):
+    """The side path corrects the MLP's output, so it still applies when LoRA replaces down_proj: the model computes
+    the compensated weight of the adapted layer, (I + V V^T)(W + B A)."""
+    _, unfused_dir, none_dir = folded_and_unfused
+    processor = AutoProcessor.from_pretrained(unfused_dir)
+    unfused = with_side_paths(unfused_dir)
+    reference = LlavaForConditionalGeneration.from_pretrained(none_dir, dtype=torch.float32).eval()
+    uncompensated = LlavaForConditionalGeneration.from_pretrained(none_dir, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(3)
+    for layer, side_path in _side_path_modules(unfused).items():
+        down_proj = LLAVA.decoder_layers(unfused)[layer].mlp.down_proj
+        a = torch.randn(4, down_proj.in_features, generator=generator) * 0.1
+        b = torch.randn(down_proj.out_features, 4, generator=generator) * 0.1
+        LLAVA.decoder_layers(unfused)[layer].mlp.down_proj = _LoRAWrapped(down_proj, a, b)
+        for model, basis in ((reference, side_path.basis.float()), (uncompensated, None)):
+            target = LLAVA.decoder_layers(model)[layer].mlp.down_proj
+            adapted = target.weight + b @ a
+            target.weight.copy_(adapted if basis is None else fold_output(adapted, basis))
+    inputs = _inputs(processor, 0, QUESTIONS[0])
+    logits = {name: model(**inputs).logits[0].float() for name, model in
+              [("unfused", unfused), ("reference", reference), ("uncompensated", uncompensated)]}
+    difference = (logits["unfused"] - logits["reference"]).abs().max()
+    assert difference < 1e-5 * logits["reference"].abs().max()
+    assert (logits["unfused"] - logits["uncompensated"]).abs().max() > 100 * difference
 
 
 def _side_path_modules(model) -> dict:
@@ -239,7 +268,7 @@ def test_vllm_side_paths_match_the_folded_model(folded_and_unfused, tmp_path):
 def test_vllm_serves_the_pruned_quantized_checkpoint(pruned_quantized, tmp_path):
     processor = AutoProcessor.from_pretrained(pruned_quantized)
     with dequantized_copy(open_checkpoint(pruned_quantized)) as dense:
-        reference = _with_side_paths(dense.path, torch.bfloat16)
+        reference = with_side_paths(dense.path, torch.bfloat16)
     # vLLM's CPU W4A16 kernel computes in bfloat16.
     with _serve(pruned_quantized, tmp_path / "vllm.log", "bfloat16") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)

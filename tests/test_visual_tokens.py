@@ -11,7 +11,13 @@ from transformers import AutoConfig
 
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.serving.visual_tokens import select_visual_tokens, split_budget
+from shortlvlm_vllm.serving.visual_tokens import (
+    cls_attention,
+    key_metric,
+    key_sums,
+    select_visual_tokens,
+    split_budget,
+)
 from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, budget_architecture, budget_overrides, register
 
 TINY_TOKENS = 64  # the tiny fixture: 64 px images, 8 px patches
@@ -48,6 +54,37 @@ def test_contextual_tokens_merge_by_key_similarity():
     assert torch.allclose(selected[0, :11], features[0, :11])
     assert torch.allclose(selected[0, 11], features[0, 11])
     assert torch.allclose(selected[0, 12], features[0, 12] + features[0, 13])
+
+
+def _rank_scores(x, qkv_weight, heads: int, ranks: int, rank: int):
+    """What one tensor-parallel rank computes: vLLM's QKVParallelLinear gives rank r the rows of heads
+    r * heads / ranks ... of each of q, k and v, so its output chunks into its own q, k, v."""
+    hidden, local = x.shape[-1], heads // ranks
+    rows = [w.view(heads, -1, hidden)[rank * local:(rank + 1) * local].reshape(-1, hidden) for w in qkv_weight.chunk(3)]
+    query, key, _ = (x @ torch.cat(rows).T).chunk(3, dim=-1)
+    return cls_attention(query, key, local), key_sums(key, local)
+
+
+def test_heads_split_over_tensor_parallel_ranks_select_the_single_rank_tokens():
+    """Summing the ranks' head sums (the plugin's all-reduce) gives the single-rank scores, and so the same tokens;
+    each rank scoring with its own heads alone (the plugin before issue 16) picks other tokens."""
+    torch.manual_seed(0)
+    heads, head_dim, patches, budget = 8, 16, 100, 24
+    x = torch.randn(2, 1 + patches, 64)
+    qkv_weight = torch.randn(3 * heads * head_dim, 64) / 8
+    features = torch.randn(2, patches, 32)
+    attention, keys = _rank_scores(x, qkv_weight, heads, 1, 0)
+    single = select_visual_tokens(features, attention, key_metric(keys, heads)[:, 1:], budget)
+    for ranks in (2, 4):
+        shares = [_rank_scores(x, qkv_weight, heads, ranks, rank) for rank in range(ranks)]
+        attention_sum = sum(share[0] for share in shares)
+        key_sum = sum(share[1] for share in shares)
+        torch.testing.assert_close(attention_sum, attention)
+        torch.testing.assert_close(key_sum, keys)
+        assert torch.equal(select_visual_tokens(features, attention_sum, key_metric(key_sum, heads)[:, 1:], budget),
+                           single)
+        own = [select_visual_tokens(features, a, key_metric(k, heads // ranks)[:, 1:], budget) for a, k in shares]
+        assert not all(torch.equal(selected, single) for selected in own)
 
 
 def test_prune_visual_tokens_alone_keeps_the_weights_and_names_the_class(tiny_llava, tmp_path, capsys):

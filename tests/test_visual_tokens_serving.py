@@ -6,29 +6,26 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
 from shortlvlm_vllm.checkpoint.reader import open_checkpoint
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.prune.compensate import CompensationSettings
 from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
 from shortlvlm_vllm.prune.recipe import PruneRecipe
 from shortlvlm_vllm.serving.launcher import VLLMServer
-from shortlvlm_vllm.serving.visual_tokens import key_metric, select_visual_tokens
 from shortlvlm_vllm.serving.vllm_plugin import budget_overrides
 
 from .conftest import random_image
+from .serving_reference import agrees, reference_generate, served_answers
 
 pytestmark = pytest.mark.vllm
 MODEL = "tiny"
 ALL_TOKENS, BUDGET = 64, 16
 QUESTIONS = ["What is in the image?", "Describe the colours.", "Is there a square? Answer yes or no."]
 NEW_TOKENS = 8
-TOP = 5
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +42,10 @@ def _serve(model, tmp_path_factory, *extra_args: str) -> VLLMServer:
                       extra_args=["--limit-mm-per-prompt", '{"image": 1}', *extra_args])
 
 
-def _answers(server: VLLMServer) -> list[tuple[int, list[int], list[list[tuple[int, float]]]]]:
+def _answers(server: VLLMServer):
     """Per question: prompt tokens, greedy tokens, and the top-5 (token, logprob) of each step."""
-    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
-    out = []
-    for seed, question in enumerate(QUESTIONS):
-        response = client.chat.completions.create(
-            model=MODEL, messages=image_message(data_url(random_image(seed)), question), max_tokens=NEW_TOKENS,
-            temperature=0.0, logprobs=True, top_logprobs=TOP,
-            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True, "add_special_tokens": True})
-        steps = response.choices[0].logprobs.content
-        out.append((response.usage.prompt_tokens, [_token_id(s.token) for s in steps],
-                    [[(_token_id(t.token), t.logprob) for t in s.top_logprobs] for s in steps]))
-    return out
-
-
-def _token_id(token: str) -> int:
-    return int(token.removeprefix("token_id:"))
+    prompts = [(random_image(seed), question) for seed, question in enumerate(QUESTIONS)]
+    return served_answers(server.base_url, server.api_key, MODEL, prompts, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -83,37 +67,6 @@ def budget_answers(budget_llava, tmp_path_factory):
         return _answers(server)
 
 
-@torch.no_grad()
-def reference_generate(model, processor, image, question: str, budget: int):
-    """transformers' LLaVA with the same selection: [CLS] attention and keys from the vision tower's own
-    (eager) attention at the feature layer, then the K selected tokens in K placeholders."""
-    text = processor.apply_chat_template([template_image_turn(question)], add_generation_prompt=True)
-    inputs = processor(images=image, text=text, return_tensors="pt")
-    tower = model.model.vision_tower
-    layers = tower.encoder.layers
-    feature_index = model.config.vision_feature_layer % (len(layers) + 1)  # hidden_states[i] = output of layer i-1
-    feature_layer = layers[feature_index - 1]
-    keys = {}
-    hook = feature_layer.self_attn.k_proj.register_forward_hook(lambda module, args, out: keys.update(k=out))
-    vision = tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
-    hook.remove()
-    heads = model.config.vision_config.num_attention_heads
-    attention = vision.attentions[feature_index - 1][:, :, 0, 1:].sum(dim=1)
-    selected = select_visual_tokens(vision.hidden_states[feature_index][:, 1:], attention,
-                                    key_metric(keys["k"], heads)[:, 1:], budget)
-    image_embeds = model.model.multi_modal_projector(selected)[0]
-    ids = inputs["input_ids"][0]
-    image_positions = (ids == model.config.image_token_id).nonzero()[:, 0]
-    ids = torch.cat([ids[: image_positions[0] + budget], ids[image_positions[-1] + 1:]])
-    embeds = model.get_input_embeddings()(ids).clone()
-    embeds[image_positions[0]: image_positions[0] + budget] = image_embeds
-    out = model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
-    return len(ids), out.sequences[0, -NEW_TOKENS:].tolist(), [logits[0].topk(TOP).indices.tolist()
-                                                              for logits in out.logits]
-
-
 def test_with_a_budget_vllm_matches_the_transformers_reference(budget_answers, budget_llava):
     processor = AutoProcessor.from_pretrained(budget_llava)
     model = LlavaForConditionalGeneration.from_pretrained(budget_llava, dtype=torch.float32,
@@ -121,17 +74,10 @@ def test_with_a_budget_vllm_matches_the_transformers_reference(budget_answers, b
     exact = 0
     for seed, (question, (prompt_tokens, vllm_tokens, vllm_top)) in enumerate(zip(QUESTIONS, budget_answers,
                                                                                   strict=True)):
-        ref_length, ref_tokens, ref_top = reference_generate(model, processor, random_image(seed), question, BUDGET)
+        ref_length, ref_tokens, ref_top = reference_generate(model, processor, random_image(seed), question, BUDGET,
+                                                             NEW_TOKENS)
         assert prompt_tokens == ref_length  # K placeholders, not 64
-        vllm_top_ids = [[t for t, _ in step] for step in vllm_top]
-        # vLLM's check_logprobs_close rule: equal tokens, or at the first divergence each side's choice is in the
-        # other's top-k, after which the sequences no longer compare.
-        for i, (v, h) in enumerate(zip(vllm_tokens, ref_tokens, strict=True)):
-            if v != h:
-                assert v in ref_top[i] and h in vllm_top_ids[i], (i, vllm_tokens, ref_tokens)
-                break
-        else:
-            exact += 1
+        exact += agrees(vllm_tokens, vllm_top, ref_tokens, ref_top)
     assert exact >= 2, "greedy outputs diverged on most prompts"
 
 

@@ -40,6 +40,7 @@ class CalibrationSource:
     image_column: str = "image"
     question_column: str = "question"
     answer_column: str = "answer"
+    batch_size: int = 1  # samples per forward pass of the calibration (the statistics do not depend on it)
 
     def load(self, num_samples: int) -> list[CalibrationSample]:
         """`num_samples` samples drawn with the source's seed."""

@@ -1,14 +1,18 @@
 """The evaluation client: a benchmark's items asked of an OpenAI-compatible server (vLLM), one JSONL record each.
 
-Streaming chat completions, greedy, `concurrency` requests in flight. Transient failures (connection errors,
-timeouts, 5xx) are retried with exponential backoff and jitter; a 4xx is the request's own fault, so it is recorded
-as a failed request, counted wrong, and the run goes on. Each finished request is appended to the records file at
-once, so a run that stopped (server gone, process killed) resumes where it stopped when rerun with the same output.
+Streaming chat completions, greedy, `concurrency` requests in flight on each server. Transient failures (connection
+errors, timeouts, 5xx) are retried with exponential backoff and jitter; a 4xx is the request's own fault, so it is
+recorded as a failed request, counted wrong, and the run goes on. Each finished request is appended to the records
+file at once, so a run that stopped (server gone, process killed) resumes where it stopped when rerun with the same
+output. Several servers of one model (replicas: data parallelism, e.g. one vLLM per GPU or node) share the items:
+each server's requests take the next unasked item from one queue, so every item is asked once, by whichever server
+is free, and the record names it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -43,11 +47,28 @@ class Endpoint:
     api_key: str = "EMPTY"
 
 
+Replicas = Endpoint | Sequence[Endpoint]  # one server, or several replicas of one model
+
+
+def replicas_of(endpoints: Replicas) -> list[Endpoint]:
+    """The servers as a list, once they are known to serve one model under one name."""
+    replicas = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
+    if not replicas:
+        raise ShortLVLMError("no server to ask: give at least one --base-url.")
+    names = {endpoint.model for endpoint in replicas}
+    if len(names) > 1:
+        raise ShortLVLMError(f"replicas must serve one model under one name, not {', '.join(sorted(names))}.")
+    urls = [endpoint.base_url for endpoint in replicas]
+    if len(set(urls)) < len(urls):
+        raise ShortLVLMError(f"a server is named twice among {', '.join(urls)}; give each replica once.")
+    return replicas
+
+
 @dataclass(frozen=True)
 class ClientConfig:
-    """How hard to push the server and how long to wait for it when it fails."""
+    """How hard to push each server and how long to wait for it when it fails."""
 
-    concurrency: int = 8  # requests in flight
+    concurrency: int = 8  # requests in flight on each server
     timeout_s: float = 60.0  # seconds without a byte from the server before an attempt counts as timed out
     max_retries: int = 5  # retries of one request after a transient failure; then the run stops
     backoff_s: float = 0.5  # first retry delay, doubled at each retry
@@ -76,6 +97,14 @@ class RequestFailedError(Exception):
 
 class GaveUpError(Exception):
     """A request still failed transiently after every retry: the server is down or broken."""
+
+
+class _ServerGaveUp(Exception):
+    """GaveUpError, with the server it happened on."""
+
+    def __init__(self, endpoint: Endpoint, error: GaveUpError) -> None:
+        super().__init__(str(error))
+        self.endpoint = endpoint
 
 
 def make_client(endpoint: Endpoint, timeout_s: float) -> openai.AsyncOpenAI:
@@ -234,17 +263,19 @@ def _check_items(items: Sequence[Item], done: Mapping[str, dict], path: Path) ->
 
 
 async def ask_items(
-    endpoint: Endpoint,
+    endpoints: Replicas,
     benchmark: Benchmark,
     items: Sequence[Item],
     records_path: str | Path,
     config: ClientConfig = ClientConfig(),
 ) -> dict[str, dict]:
-    """Every item's record, by id: those already in `records_path`, then the others asked and appended one by one.
+    """Every item's record, by id: those already in `records_path`, then the others asked and appended one by one,
+    each of them once, spread over the servers (`config.concurrency` in flight on each).
 
     Raises ShortLVLMError when a request still fails transiently after `config.max_retries` retries; the records
     finished so far stay in the file, so the same call resumes.
     """
+    replicas = replicas_of(endpoints)
     records_path = Path(records_path)
     records_path.parent.mkdir(parents=True, exist_ok=True)
     done = load_records(records_path)
@@ -262,21 +293,33 @@ async def ask_items(
     if not todo:
         return results
 
-    client = make_client(endpoint, config.timeout_s)
-    gate = asyncio.Semaphore(config.concurrency)
+    clients = [make_client(endpoint, config.timeout_s) for endpoint in replicas]
+    queue: asyncio.Queue[Item] = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=benchmark.name, unit="q", disable=None)
 
-    async def one(item: Item, out) -> None:
-        async with gate:
+    async def check(endpoint: Endpoint, client: openai.AsyncOpenAI) -> None:
+        try:
+            await check_model(client, endpoint, config)
+        except GaveUpError as exc:
+            raise _ServerGaveUp(endpoint, exc) from exc
+
+    async def serve_queue(endpoint: Endpoint, client: openai.AsyncOpenAI, out) -> None:
+        """One request in flight on `endpoint` at a time, each for the next item nobody has taken."""
+        while not queue.empty():
+            item = queue.get_nowait()
             messages = image_message(await asyncio.to_thread(data_url, item.image), item.prompt)
             try:
                 result = await with_retries(
-                    lambda: stream_chat(client, endpoint.model, messages, benchmark.max_tokens), config,
+                    functools.partial(stream_chat, client, endpoint.model, messages, benchmark.max_tokens), config,
                     f"request {item.id}")
-                record = _record(benchmark, item, result, None)
+                record = _record(benchmark, item, result, None, endpoint)
             except RequestFailedError as exc:
                 log.warning("request %s refused (%s); recorded as failed, counted wrong", item.id, exc)
-                record = _record(benchmark, item, None, str(exc))
+                record = _record(benchmark, item, None, str(exc), endpoint)
+            except GaveUpError as exc:
+                raise _ServerGaveUp(endpoint, exc) from exc
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             results[item.id] = record
@@ -285,12 +328,13 @@ async def ask_items(
     with open(records_path, "a", encoding="utf-8") as out:
         tasks: list[asyncio.Future] = []
         try:
-            await check_model(client, endpoint, config)
-            tasks = [asyncio.ensure_future(one(item, out)) for item in todo]
+            await asyncio.gather(*(check(endpoint, client) for endpoint, client in zip(replicas, clients, strict=True)))
+            tasks = [asyncio.ensure_future(serve_queue(endpoint, client, out))
+                     for endpoint, client in zip(replicas, clients, strict=True) for _ in range(config.concurrency)]
             await asyncio.gather(*tasks)
-        except GaveUpError as exc:
+        except _ServerGaveUp as exc:
             raise ShortLVLMError(
-                f"gave up on the server at {endpoint.base_url} after {config.max_retries} retries ({exc}). "
+                f"gave up on the server at {exc.endpoint.base_url} after {config.max_retries} retries ({exc}). "
                 f"Check that it is running and reachable; rerunning the same command resumes: the "
                 f"{len(results)} finished records in {records_path} are kept."
             ) from exc
@@ -299,14 +343,17 @@ async def ask_items(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
-            await client.close()
+            for client in clients:
+                await client.close()
     return results
 
 
-def _record(benchmark: Benchmark, item: Item, result: StreamResult | None, error: str | None) -> dict:
+def _record(benchmark: Benchmark, item: Item, result: StreamResult | None, error: str | None,
+            endpoint: Endpoint) -> dict:
     parsed = benchmark.parse(item, result.text) if result else ""
     return {
         "id": item.id,
+        "server": endpoint.base_url,
         "prompt": item.prompt,
         "answer": result.text if result else None,
         "parsed": parsed,
@@ -320,15 +367,16 @@ def _record(benchmark: Benchmark, item: Item, result: StreamResult | None, error
     }
 
 
-def _check_run(out_dir: Path, benchmark: Benchmark, endpoint: Endpoint) -> None:
-    """Refuse to mix two models or benchmarks in one output directory (resuming would blend their records)."""
-    run = {"benchmark": benchmark.name, "model": endpoint.model}
+def _check_run(out_dir: Path, benchmark: Benchmark, model: str) -> None:
+    """Refuse to mix two models or benchmarks in one output directory (resuming would blend their records); the
+    servers may change from one run to the next."""
+    run = {"benchmark": benchmark.name, "model": model}
     path = out_dir / RUN_NAME
     if path.exists():
         before = json.loads(path.read_text())
         if before != run:
             raise ShortLVLMError(
-                f"{out_dir} holds the run of {before['model']} on {before['benchmark']}, not {endpoint.model} "
+                f"{out_dir} holds the run of {before['model']} on {before['benchmark']}, not {model} "
                 f"on {benchmark.name}; write to another output directory."
             )
         return
@@ -336,7 +384,7 @@ def _check_run(out_dir: Path, benchmark: Benchmark, endpoint: Endpoint) -> None:
 
 
 def run_benchmark(
-    endpoint: Endpoint,
+    endpoints: Replicas,
     benchmark: Benchmark,
     out_dir: str | Path,
     *,
@@ -348,18 +396,20 @@ def run_benchmark(
     """A benchmark end to end: its items asked (resuming from `out_dir`), scored, scores written to scores.json.
 
     Records of ids outside this item set (another --limit or --seed before) stay in the file but are not scored.
+    Several endpoints are replicas of one model, asked together (ask_items).
     """
     out_dir = Path(out_dir)
     if source is not None:
         check_apart(out_dir, [source])  # records and scores never go into the benchmark's data
-    _check_run(out_dir, benchmark, endpoint)
+    model = replicas_of(endpoints)[0].model
+    _check_run(out_dir, benchmark, model)
     items = benchmark.load(source, limit, seed)
     if not items:
         raise ShortLVLMError(f"{benchmark.name} gave no items (source {source or benchmark.hub_id}, limit {limit}).")
-    records = asyncio.run(ask_items(endpoint, benchmark, items, out_dir / RECORDS_NAME, config))
+    records = asyncio.run(ask_items(endpoints, benchmark, items, out_dir / RECORDS_NAME, config))
     failed = sum(r["error"] is not None for r in records.values())
     scores = benchmark.score(items, {item.id: records[item.id]["parsed"] for item in items})
-    summary = {"benchmark": benchmark.name, "model": endpoint.model, "items": len(items), "failed": failed,
+    summary = {"benchmark": benchmark.name, "model": model, "items": len(items), "failed": failed,
                "scores": scores}
     write_atomic(out_dir / SCORES_NAME, json.dumps(summary, indent=2) + "\n")
     log.info("%s: %d items, %d failed requests; scores in %s", benchmark.name, len(items), failed,

@@ -4,7 +4,8 @@ served, measured.
 A YAML config names the model, the benchmark, the throughput workload and the axes; every combination of
 the axes is an arm. Each arm's checkpoint is built once and cached under a key of its recipe, so a rerun
 (or another config sharing arms) reuses it; each arm gets its own vLLM server, started and stopped around
-the same accuracy requests and the same throughput workload. Results go out as JSON, CSV, markdown and a
+the same accuracy requests and the same throughput workload (`replicas: N` gives each arm N servers, placed on their
+own GPUs or CPU cores, that share the requests). Results go out as JSON, CSV, markdown and a
 plot of accuracy against throughput with the Pareto front marked; they name checkpoints relative to the results
 directory, never by a path of the machine that ran them. The visual-token axis (`token_fraction`, the fraction of
 each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets the budget through `--hf-overrides`.
@@ -12,6 +13,7 @@ each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -76,6 +78,7 @@ class MatrixConfig:
     throughput: dict[str, Any] = field(default_factory=lambda: {"num_prompts": 64, "concurrency": 16,
                                                                  "output_len": 16})
     server: dict[str, Any] = field(default_factory=dict)  # VLLMServer keyword arguments (max_model_len, ...)
+    replicas: int = 1  # servers per arm (data parallelism: each on its own GPUs or CPU cores), sharing the requests
     quantize: dict[str, Any] = field(default_factory=lambda: {"scheme": "W4A16", "num_samples": 64})
 
 
@@ -102,6 +105,9 @@ def load_config(path: str | Path) -> MatrixConfig:
         raise ShortLVLMError(f"{path}: unknown keys {sorted(extra)}; the keys are grid, {', '.join(sorted(known))}.")
     if "model" not in raw:
         raise ShortLVLMError(f"{path}: name the model to prune (`model: toy` for the shipped toy model).")
+    replicas = raw.get("replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ShortLVLMError(f"{path}: replicas {replicas!r} must be a whole number of servers per arm, at least 1.")
     axes = {axis: _as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES}
     arms = list(dict.fromkeys(_normalise(Arm(**dict(zip(AXES, values, strict=True))))
                               for values in itertools.product(*axes.values())))
@@ -254,13 +260,19 @@ class Matrix:
         speed = dict(self.config.throughput)
         workload = benchmark.load(bench.get("data"), speed.pop("num_prompts"), bench.get("seed", 0))
         server_kwargs, visual_tokens = self.server_kwargs(arm, checkpoint)
-        with VLLMServer(checkpoint, log_path=arm_dir / "server.log", served_model_name=arm.name,
-                        **server_kwargs) as server:
-            endpoint = Endpoint(server.base_url, arm.name, server.api_key)
-            scores = run_benchmark(endpoint, benchmark, arm_dir / "accuracy", source=bench.get("data"),
+        replicas = self.config.replicas
+        with contextlib.ExitStack() as servers:
+            endpoints = []
+            for replica in range(replicas):
+                log_name = "server.log" if replicas == 1 else f"server-{replica}.log"
+                server = servers.enter_context(VLLMServer(
+                    checkpoint, log_path=arm_dir / log_name, served_model_name=arm.name, replica=replica,
+                    replicas=replicas, **server_kwargs))
+                endpoints.append(Endpoint(server.base_url, arm.name, server.api_key))
+            scores = run_benchmark(endpoints, benchmark, arm_dir / "accuracy", source=bench.get("data"),
                                    limit=bench.get("limit"), seed=bench.get("seed", 0),
                                    config=ClientConfig(**self.config.client))
-            throughput = run_throughput(endpoint, requests_from_items(workload), **speed)
+            throughput = run_throughput(endpoints, requests_from_items(workload), **speed)
         result = {**asdict(arm), "arm": arm.name, "checkpoint": self.checkpoint_name(checkpoint),
                   "visual_tokens": visual_tokens,
                   "layers": _num_layers(json.loads((checkpoint / "config.json").read_text())),

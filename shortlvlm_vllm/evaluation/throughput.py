@@ -1,10 +1,11 @@
 """Serving throughput and latency, measured like `vllm bench serve`, so a pruned and a full model compare.
 
 A fixed request set (benchmark items, or synthetic prompts with an image) is replayed at full concurrency, at a
-concurrency cap, or at a request rate with seeded Poisson arrivals. Every request streams and generates exactly
-`output_len` tokens (`ignore_eos`, which vLLM honours), so two models do the same work. The summary uses vLLM's
-definitions and JSON keys: TTFT to the first token, TPOT = (latency - TTFT) / (output tokens - 1), ITL the gaps
-between streamed chunks.
+concurrency cap, or at a request rate with seeded Poisson arrivals, on one server or spread in turn over several
+replicas of one model (request i to replica i mod n; the cap and the rate are for all of them together). Every
+request streams and generates exactly `output_len` tokens (`ignore_eos`, which vLLM honours), so two models do the
+same work. The summary uses vLLM's definitions and JSON keys: TTFT to the first token, TPOT = (latency - TTFT) /
+(output tokens - 1), ITL the gaps between streamed chunks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from tqdm.auto import tqdm
 from shortlvlm_vllm.chat import data_url, image_message
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks.base import Item
-from shortlvlm_vllm.evaluation.client import Endpoint, IncompleteStreamError, describe_error, make_client, stream_chat
+from shortlvlm_vllm.evaluation.client import (
+    Endpoint,
+    IncompleteStreamError,
+    Replicas,
+    describe_error,
+    make_client,
+    replicas_of,
+    stream_chat,
+)
 from shortlvlm_vllm.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -77,6 +86,7 @@ class ThroughputResult:
     mean_itl_ms: float | None
     median_itl_ms: float | None
     p99_itl_ms: float | None
+    servers: int = 1  # replicas the requests were spread over
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +137,7 @@ def summarize(
     output_len: int,
     max_concurrency: int | None = None,
     request_rate: float | None = None,
+    servers: int = 1,
 ) -> ThroughputResult:
     """The summary of a replay that took `duration` seconds; failed requests count only in `failed`."""
     ok = [t for t in timings if t.error is None]
@@ -140,11 +151,12 @@ def summarize(
         len(timings), len(ok), len(timings) - len(ok), max_concurrency, request_rate, output_len, duration,
         input_tokens, output_tokens, len(ok) / duration, output_tokens / duration,
         (input_tokens + output_tokens) / duration, *_stats_ms(ttfts), *_stats_ms(tpots), *_stats_ms(itls),
+        servers,
     )
 
 
 def run_throughput(
-    endpoint: Endpoint,
+    endpoints: Replicas,
     requests: Sequence[BenchRequest],
     *,
     output_len: int = 128,
@@ -153,14 +165,16 @@ def run_throughput(
     seed: int = 0,
     timeout_s: float = 300.0,
 ) -> ThroughputResult:
-    """Replay `requests` once after one uncounted warm-up request; failed requests are counted, not retried."""
+    """Replay `requests` once after one uncounted warm-up request per server; failed requests are counted, not
+    retried. Several endpoints are replicas of one model: request i goes to replica i mod n."""
     if not requests:
         raise ShortLVLMError("no requests to replay; ask for at least one (--num-prompts).")
-    return asyncio.run(_replay(endpoint, requests, output_len, concurrency, request_rate, seed, timeout_s))
+    return asyncio.run(_replay(replicas_of(endpoints), requests, output_len, concurrency, request_rate, seed,
+                               timeout_s))
 
 
 async def _replay(
-    endpoint: Endpoint,
+    replicas: Sequence[Endpoint],
     requests: Sequence[BenchRequest],
     output_len: int,
     concurrency: int | None,
@@ -170,21 +184,23 @@ async def _replay(
 ) -> ThroughputResult:
     messages = [image_message(data_url(r.image), r.prompt) for r in requests]  # encoded before the clock starts
     extra = {"ignore_eos": True}
-    client = make_client(endpoint, timeout_s)
+    clients = [make_client(endpoint, timeout_s) for endpoint in replicas]
     try:
-        try:
-            await stream_chat(client, endpoint.model, messages[0], output_len, extra)
-        except (openai.APIError, IncompleteStreamError) as exc:
-            raise ShortLVLMError(
-                f"the warm-up request to {endpoint.base_url} (model {endpoint.model}) failed: {describe_error(exc)}. "
-                "Check that the server runs and the --base-url and --model it was given."
-            ) from exc
+        for endpoint, client in zip(replicas, clients, strict=True):
+            try:
+                await stream_chat(client, endpoint.model, messages[0], output_len, extra)
+            except (openai.APIError, IncompleteStreamError) as exc:
+                raise ShortLVLMError(
+                    f"the warm-up request to {endpoint.base_url} (model {endpoint.model}) failed: "
+                    f"{describe_error(exc)}. Check that the server runs and the --base-url and --model it was given."
+                ) from exc
         offsets = arrival_offsets(len(requests), request_rate, seed)
         gate = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
         bar = tqdm(total=len(requests), desc="bench", unit="req", disable=None)
         started = time.perf_counter()
 
         async def one(i: int) -> RequestTiming:
+            endpoint, client = replicas[i % len(replicas)], clients[i % len(replicas)]
             await asyncio.sleep(max(0.0, started + offsets[i] - time.perf_counter()))
             async with gate:
                 sent = time.perf_counter()
@@ -205,9 +221,11 @@ async def _replay(
             bar.close()
         duration = time.perf_counter() - started
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
     return summarize(timings, duration, output_len=output_len, max_concurrency=concurrency,
-                     request_rate=None if request_rate is None or math.isinf(request_rate) else request_rate)
+                     request_rate=None if request_rate is None or math.isinf(request_rate) else request_rate,
+                     servers=len(replicas))
 
 
 def describe(result: ThroughputResult) -> str:
@@ -217,6 +235,7 @@ def describe(result: ThroughputResult) -> str:
 
     rows = [
         ("Requests completed / failed", f"{result.completed} / {result.failed} of {result.num_prompts}"),
+        ("Servers (replicas)", str(result.servers)),
         ("Max concurrency", str(result.max_concurrency or "all at once")),
         ("Request rate (req/s)", "inf" if result.request_rate is None else f"{result.request_rate:g}"),
         ("Output length (tokens)", str(result.output_len)),

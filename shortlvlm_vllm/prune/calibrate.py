@@ -1,11 +1,13 @@
 """One calibration pass over the unpruned model: every statistic the localizers and SCP need.
 
-Per sample (batch of one, prompt and reference answer teacher-forced), hooks on the decoder
-layers see each layer's input and output; a wrapper around the model's attention function sees
-each candidate layer's post-RoPE queries and keys and computes Token Importance Scores from
-them in query chunks, so the model keeps running its own attention kernel (SDPA) and no
-heads x T x T tensor is ever held. Everything is accumulated as running sums; only SCP's pooled
-features (N x D per layer) grow with the number of samples.
+Samples (prompt and reference answer teacher-forced) go through the model in batches, each sample
+tokenized alone and padded on the right, so every real token sees exactly what it sees in a batch
+of one. Hooks on the decoder layers see each layer's input and output; a wrapper around the model's
+attention function sees each candidate layer's post-RoPE queries and keys and computes Token
+Importance Scores from them in query chunks, so the model keeps running its own attention kernel
+(SDPA) and no heads x T x T tensor is ever held. Statistics are read per sample from its own
+length (padding never counts) and accumulated on the CPU as running sums, whichever devices the
+layers run on; only SCP's pooled features (N x D per layer) grow with the number of samples.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -158,53 +160,65 @@ class _Accumulator:
 
 
 class _SampleRecorder:
-    """Hook state for one forward pass: layer inputs, TIS selections, last-token states."""
+    """Hook state for one forward pass over a batch: layer inputs, TIS selections, last-token states.
+
+    Row b of the batch is sample `index + b`, of `lengths[b]` real tokens (right padding after them).
+    """
 
     def __init__(self, acc: _Accumulator, top_p: float) -> None:
         self.acc = acc
         self.top_p = top_p
         self.candidates = set(acc.candidates)
-        self.layout: TokenLayout | None = None
+        self.layouts: list[TokenLayout] = []
+        self.lengths: list[int] = []
         self.index = 0
         self.inputs: dict[int, torch.Tensor] = {}
-        self.selected: dict[int, torch.Tensor] = {}
-        self.last_in = torch.zeros(acc.num_layers, acc.hidden_size)
-        self.last_out = torch.zeros(acc.num_layers, acc.hidden_size)
+        self.selected: dict[int, list[torch.Tensor]] = {}
+        self.last_in = self.last_out = torch.zeros(0)
 
-    def start(self, index: int, layout: TokenLayout) -> None:
-        self.index, self.layout = index, layout
+    def start(self, index: int, layouts: Sequence[TokenLayout], lengths: Sequence[int]) -> None:
+        self.index, self.layouts, self.lengths = index, list(layouts), list(lengths)
         self.inputs.clear()
         self.selected.clear()
+        self.last_in = torch.zeros(len(layouts), self.acc.num_layers, self.acc.hidden_size)
+        self.last_out = torch.zeros_like(self.last_in)
 
     def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         if layer not in self.candidates:
             return
-        scores = token_importance_chunked(query[0], key[0], scaling, self.layout)
-        self.selected[layer] = select_top_tokens(scores, self.layout.pool, self.top_p)
+        self.selected[layer] = [
+            select_top_tokens(token_importance_chunked(query[b, :, :n], key[b, :, :n], scaling, layout),
+                              layout.pool, self.top_p)
+            for b, (layout, n) in enumerate(zip(self.layouts, self.lengths, strict=True))]
 
     def on_layer_input(self, layer: int, hidden: torch.Tensor) -> None:
         self.inputs[layer] = hidden
-        self.last_in[layer] = hidden[0, -1].float().cpu()
+        for b, n in enumerate(self.lengths):
+            self.last_in[b, layer] = hidden[b, n - 1].float().cpu()
 
     def on_layer_output(self, layer: int, hidden: torch.Tensor) -> None:
-        layout, acc = self.layout, self.acc
-        x_out = hidden[0].float()
-        self.last_out[layer] = x_out[-1].cpu()
-        pool = layout.pool.to(x_out.device)
-        acc.features[layer, self.index] = x_out[pool].mean(0).cpu()
-        if layer in self.candidates:
-            cos = F.cosine_similarity(self.inputs[layer][0].float(), x_out, dim=-1).cpu().double()
+        acc = self.acc
+        # Under a device map the input may still be on the previous layer's device.
+        inputs = self.inputs.pop(layer).to(hidden.device)
+        selected = self.selected.pop(layer, None)
+        for b, (layout, n) in enumerate(zip(self.layouts, self.lengths, strict=True)):
+            x_out = hidden[b, :n].float()
+            self.last_out[b, layer] = x_out[-1].cpu()
+            acc.features[layer, self.index + b] = x_out[layout.pool.to(x_out.device)].mean(0).cpu()
+            if layer not in self.candidates:
+                continue
+            cos = F.cosine_similarity(inputs[b, :n].float(), x_out, dim=-1).cpu().double()
             sums = acc.cosine_sums
             sums["all-tokens"][layer] += float(cos.mean())
             sums["text-only"][layer] += float(cos[layout.text].mean()) if layout.text.numel() else 0.0
             sums["visual-only"][layer] += float(cos[layout.visual].mean())
-            sums["tis"][layer] += float(cos[self.selected.pop(layer)].mean())
-        self.inputs.pop(layer, None)
+            sums["tis"][layer] += float(cos[selected[b]].mean())
 
     def finish(self) -> None:
-        """Angular distance between every layer input and every later layer output (last token)."""
-        cos = F.normalize(self.last_in.double(), dim=-1) @ F.normalize(self.last_out.double(), dim=-1).T
-        self.acc.angular_sum += torch.arccos(cos.clamp(-1, 1)).triu() / math.pi
+        """Angular distance between every layer input and every later layer output (last token), per sample."""
+        for last_in, last_out in zip(self.last_in, self.last_out, strict=True):
+            cos = F.normalize(last_in.double(), dim=-1) @ F.normalize(last_out.double(), dim=-1).T
+            self.acc.angular_sum += torch.arccos(cos.clamp(-1, 1)).triu() / math.pi
 
 
 @contextlib.contextmanager
@@ -248,6 +262,27 @@ def _hooks(model, adapter: ArchitectureAdapter, recorder: _SampleRecorder) -> It
             ALL_ATTENTION_FUNCTIONS[implementation] = previous_local
 
 
+# Inputs that run along the sequence (padded on the right); every other input is stacked along the batch.
+_SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def collate(inputs: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One batch from per-sample processor outputs: sequences right-padded (input ids with `pad_token_id`, the
+    attention mask and token types with 0), everything else (pixel values, image grids) concatenated."""
+    if len(inputs) == 1:
+        return dict(inputs[0])
+    length = max(sample["input_ids"].shape[1] for sample in inputs)
+    batch = {}
+    for name in inputs[0]:
+        if name in _SEQUENCE_INPUTS:
+            fill = pad_token_id if name == "input_ids" else 0
+            batch[name] = torch.cat([F.pad(sample[name], (0, length - sample[name].shape[1]), value=fill)
+                                     for sample in inputs])
+        else:
+            batch[name] = torch.cat([sample[name] for sample in inputs])
+    return batch
+
+
 @torch.no_grad()
 def run_calibration(
     model,
@@ -256,25 +291,36 @@ def run_calibration(
     samples: Sequence[CalibrationSample],
     candidates: Sequence[int],
     top_p: float = 0.10,
+    batch_size: int = 1,
 ) -> LayerStatistics:
-    """One pass over `samples`; returns the per-layer statistics of every localizer and SCP."""
+    """One pass over `samples`, `batch_size` at a time; returns the per-layer statistics of every localizer and SCP
+    (the same for every batch size, to float rounding)."""
+    if batch_size < 1:
+        raise ShortLVLMError(f"the calibration batch size must be at least 1, not {batch_size}.")
     text_config = model.config.get_text_config()
     image_token_id = getattr(model.config, adapter.image_token_config_key)
+    pad_token_id = getattr(processor.tokenizer, "pad_token_id", None) or 0  # padding is masked and never read
     num_layers = len(adapter.decoder_layers(model))
     acc = _Accumulator(num_layers, sorted(candidates), len(samples), text_config.hidden_size)
     recorder = _SampleRecorder(acc, top_p)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    with _hooks(model, adapter, recorder):
-        for index, sample in enumerate(tqdm(samples, desc="calibrating", unit="sample", disable=None)):
-            inputs = calibration_inputs(processor, sample).to(device)
-            try:
-                layout = TokenLayout.from_input_ids(inputs["input_ids"], image_token_id)
-            except ShortLVLMError as exc:
-                raise ShortLVLMError(f"calibration sample {sample.id}: {exc}; check the chat template.") from None
-            recorder.start(index, layout)
-            model(**inputs, use_cache=False)
+    with _hooks(model, adapter, recorder), tqdm(total=len(samples), desc="calibrating", unit="sample",
+                                                  disable=None) as bar:
+        for first in range(0, len(samples), batch_size):
+            batch = samples[first:first + batch_size]
+            inputs = [calibration_inputs(processor, sample) for sample in batch]
+            layouts = []
+            for sample, sample_inputs in zip(batch, inputs, strict=True):
+                try:
+                    layouts.append(TokenLayout.from_input_ids(sample_inputs["input_ids"], image_token_id))
+                except ShortLVLMError as exc:
+                    raise ShortLVLMError(f"calibration sample {sample.id}: {exc}; check the chat template.") from None
+            recorder.start(first, layouts, [sample_inputs["input_ids"].shape[1] for sample_inputs in inputs])
+            model(**{name: value.to(device) for name, value in collate(inputs, pad_token_id).items()}, use_cache=False)
             recorder.finish()
+            bar.update(len(batch))
     elapsed = time.perf_counter() - started
-    log.info("calibrated on %d samples in %.1f s (%.2f samples/s)", len(samples), elapsed, len(samples) / elapsed)
+    log.info("calibrated on %d samples in %.1f s (%.2f samples/s, batches of %d)", len(samples), elapsed,
+             len(samples) / elapsed, batch_size)
     return acc.result(len(samples))

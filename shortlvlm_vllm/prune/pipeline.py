@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from shortlvlm_vllm.adapters import adapter_for_config
 from shortlvlm_vllm.checkpoint.reader import SourceCheckpoint, open_checkpoint
 from shortlvlm_vllm.checkpoint.surgery import layer_renumbering, write_pruned_checkpoint
 from shortlvlm_vllm.errors import ShortLVLMError
@@ -46,19 +48,54 @@ def prune(recipe: PruneRecipe, output: str | Path, *, device: str = "auto", dtyp
     return write_plan(src, output, recipe, plan_pruning(src, recipe, device, dtype), overwrite=overwrite)
 
 
+def calibration_devices(device: str) -> list[str]:
+    """The devices `--device` names: one, several comma-separated, or auto (every GPU, else the CPU)."""
+    if device != "auto":
+        return [part.strip() for part in device.split(",") if part.strip()]
+    count = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else ["cuda" if count else "cpu"]
+
+
+def split_device_map(model: torch.nn.Module, layers_module: str, devices: Sequence[str]) -> dict[str, str]:
+    """A transformers device map that splits the decoder layers (the ModuleList at `layers_module`) into contiguous
+    groups, one per device in order, and puts everything else (vision tower, embeddings, norm, lm_head) on the
+    first. `model` may be built on the meta device: only its module tree is read."""
+    layers = model.get_submodule(layers_module)
+    device_map: dict[str, str] = {}
+
+    def place(module: torch.nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path == layers_module:
+                device_map.update({f"{path}.{i}": devices[i * len(devices) // len(layers)] for i in range(len(layers))})
+            elif layers_module.startswith(path + "."):
+                place(child, path + ".")
+            else:
+                device_map[path] = devices[0]
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            device_map[prefix + name] = devices[0]
+
+    place(model, "")
+    return device_map
+
+
 def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
-    """The unpruned model and processor for calibration, with SDPA attention."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """The unpruned model and processor for calibration, with SDPA attention, on `device` (calibration_devices;
+    several devices get split_device_map)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     kwargs: dict = {"attn_implementation": "sdpa", "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
-    if device == "auto":
-        if torch.cuda.device_count() > 1:
-            kwargs["device_map"] = "auto"
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = calibration_devices(device)
+    if len(devices) > 1:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config)
+        kwargs["device_map"] = split_device_map(skeleton, adapter_for_config(config.to_dict()).decoder_layers_module,
+                                                devices)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
-    if "device_map" not in kwargs:
-        model.to(device)
-    log.info("loaded %s (%s) on %s", path, next(model.parameters()).dtype, next(model.parameters()).device)
+    if len(devices) == 1:
+        model.to(devices[0])
+    log.info("loaded %s (%s) on %s", path, next(model.parameters()).dtype, ", ".join(devices))
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -88,7 +125,7 @@ def plan_pruning(
     # A quantized source is calibrated on its dequantized weights: the function the quantized model computes.
     with dequantized_copy(src) if src.quantization else contextlib.nullcontext(src) as calibrated:
         model, processor = load_model(calibrated.path, device, dtype)
-        stats = run_calibration(model, processor, src.adapter, samples, candidates, recipe.top_p)
+        stats = run_calibration(model, processor, src.adapter, samples, candidates, recipe.top_p, cal.batch_size)
         scores = {name: loc.scores(stats, candidates) for name, loc in LOCALIZERS.items()}
         scores = {name: s for name, s in scores.items() if s}
         if recipe.drop_layers is not None:

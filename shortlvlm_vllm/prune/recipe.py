@@ -113,4 +113,6 @@ def check_recipe(recipe: PruneRecipe, num_layers: int) -> list[int]:
         )
     if recipe.calibration is not None and recipe.calibration.num_samples < 1:
         raise ShortLVLMError(f"--num-samples must be at least 1, not {recipe.calibration.num_samples}.")
+    if recipe.calibration is not None and recipe.calibration.batch_size < 1:
+        raise ShortLVLMError(f"--calib-batch-size must be at least 1, not {recipe.calibration.batch_size}.")
     return candidates

@@ -46,6 +46,8 @@ def server_command(
     dtype: str = "auto",
     served_model_name: str | None = None,
     enforce_eager: bool | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
     extra_args: Sequence[str] = (),
     policy: ServingPolicy | None = None,
 ) -> list[str]:
@@ -57,6 +59,10 @@ def server_command(
     check_binding(host, api_key, policy.insecure)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", host, "--port", str(port), "--dtype", dtype]
+    if tensor_parallel_size != 1:
+        cmd += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if pipeline_parallel_size != 1:
+        cmd += ["--pipeline-parallel-size", str(pipeline_parallel_size)]
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
     if api_key:
@@ -183,6 +189,46 @@ def describe_policy(policy: ServingPolicy, host: str, api_key: str | None, extra
     return [f"  bind address: {binding}", f"  remote image URLs: {remote}", f"  local image files: {local}",
             f"  multimodal processor cache: {cache}",
             "  an image that cannot be fetched or read: 400, and the connection stays open"]
+def placement_env(world_size: int = 1, replica: int = 0, replicas: int = 1) -> dict[str, str]:
+    """Where one server's `world_size` workers (tensor x pipeline parallel) run, when it is replica `replica` of
+    `replicas` servers sharing the machine: the variables to add to its environment.
+
+    With GPUs, replica i gets GPUs i*world_size .. (CUDA_VISIBLE_DEVICES). On CPU, the machine's cores are split
+    into one contiguous group per worker of every replica (VLLM_CPU_OMP_THREADS_BIND, groups joined by "|"), and
+    no core is held back for the frontend (VLLM_CPU_NUM_OF_RESERVED_CPU=0): vLLM's default reserves one, which
+    leaves a 2-core machine no core for a second worker. One server of one worker keeps vLLM's defaults. A
+    variable the user set is never overridden.
+    """
+    if world_size < 1 or not 0 <= replica < replicas:
+        raise ShortLVLMError(f"no placement for replica {replica} of {replicas} with {world_size} workers each.")
+    if world_size == 1 and replicas == 1:
+        return {}
+    if has_cuda():
+        import torch
+
+        first, count = replica * world_size, torch.cuda.device_count()
+        if first + world_size > count:
+            raise ShortLVLMError(f"{replicas} servers of {world_size} GPUs each need {replicas * world_size} GPUs; "
+                                 f"this machine has {count}. Start fewer replicas or smaller ones.")
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(first + i) for i in range(world_size))}
+    else:
+        cores = sorted(os.sched_getaffinity(0))
+        per_worker = len(cores) // (world_size * replicas)
+        if per_worker < 1:
+            raise ShortLVLMError(f"{replicas} servers of {world_size} workers each need {replicas * world_size} CPU "
+                                 f"cores; this process may use {len(cores)}.")
+        groups = [cores[i * per_worker:(i + 1) * per_worker] for i in range(world_size * replicas)]
+        mine = groups[replica * world_size:(replica + 1) * world_size]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(_core_list(group) for group in mine),
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return {name: value for name, value in env.items() if name not in os.environ}
+
+
+def _core_list(cores: Sequence[int]) -> str:
+    """Cores as vLLM's binding syntax writes them: "0-3" for a contiguous run, else "0,2,5"."""
+    if list(cores) == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+    return ",".join(map(str, cores))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -196,6 +242,8 @@ class VLLMServer:
 
     with VLLMServer(model_dir, log_path=...) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key)
+
+    `replica` of `replicas` places it beside other servers on the same machine (placement_env).
     """
 
     def __init__(
@@ -207,6 +255,8 @@ class VLLMServer:
         host: str = "127.0.0.1",
         api_key: str = "EMPTY",
         startup_timeout: float = 600.0,
+        replica: int = 0,
+        replicas: int = 1,
         **command_kwargs,
     ) -> None:
         self.model = str(model)
@@ -218,6 +268,8 @@ class VLLMServer:
         self.policy = command_kwargs.get("policy") or ServingPolicy()
         self.extra_args = tuple(command_kwargs.get("extra_args", ()))
         self.command = server_command(model, host=host, port=self.port, api_key=api_key, **command_kwargs)
+        world_size = command_kwargs.get("tensor_parallel_size", 1) * command_kwargs.get("pipeline_parallel_size", 1)
+        self.placement = placement_env(world_size, replica, replicas)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -235,7 +287,8 @@ class VLLMServer:
             log.info("%s", line)
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT,
-                                        env=server_env(self.policy, self.extra_args), start_new_session=True)
+                                        env=server_env(self.policy, self.extra_args) | self.placement,
+                                        start_new_session=True)
         log_file.close()
         self.wait_healthy()
         return self

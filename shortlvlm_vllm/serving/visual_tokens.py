@@ -81,22 +81,29 @@ def configured_budget(config: Mapping) -> int | None:
 
 
 def cls_attention(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, N]: the [CLS] query's attention to each patch, summed over heads.
+    """[B, N] float32: the [CLS] query's attention to each patch, summed over the `num_heads` heads given.
 
-    query, key: [B, 1 + N, heads * head_dim] at the feature layer ([CLS] first), before the softmax.
+    query, key: [B, 1 + N, heads * head_dim] at the feature layer ([CLS] first), before the softmax. Under tensor
+    parallelism a rank holds only some heads: the sum over every head is the sum of the ranks' results.
     """
     batch, length, width = query.shape
     head_dim = width // num_heads
     q_cls = query[:, :1].reshape(batch, 1, num_heads, head_dim).transpose(1, 2).float()
     k = key.reshape(batch, length, num_heads, head_dim).transpose(1, 2).float()
     probs = torch.softmax(q_cls @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)  # [B, H, 1, 1 + N]
-    return probs.sum(dim=1)[:, 0, 1:]
+    return probs.sum(dim=1)[:, 0, 1:].contiguous()
 
 
-def key_metric(key: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, 1 + N, head_dim]: the feature layer's keys averaged over heads (VisionZip's similarity metric)."""
+def key_sums(key: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, 1 + N, head_dim] float32: the feature layer's keys summed over the `num_heads` heads given (summed over
+    ranks like cls_attention under tensor parallelism)."""
     batch, length, width = key.shape
-    return key.reshape(batch, length, num_heads, width // num_heads).mean(dim=2)
+    return key.reshape(batch, length, num_heads, width // num_heads).float().sum(dim=2)
+
+
+def key_metric(key_sum: torch.Tensor, total_heads: int) -> torch.Tensor:
+    """VisionZip's similarity metric: the keys averaged over all `total_heads` heads, from their sum (key_sums)."""
+    return key_sum / total_heads
 
 
 def select_visual_tokens(

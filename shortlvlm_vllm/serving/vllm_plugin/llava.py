@@ -13,6 +13,7 @@ from functools import cached_property
 
 import torch
 from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.clip import CLIPVisionTransformer
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -27,6 +28,7 @@ from shortlvlm_vllm.serving.visual_tokens import (
     configured_budget,
     image_token_count,
     key_metric,
+    key_sums,
     select_visual_tokens,
 )
 from shortlvlm_vllm.serving.vllm_plugin.side_path import attach_side_paths, check_side_paths_loaded, side_path_spec
@@ -78,7 +80,9 @@ def feature_layer_outputs(
     """Patch features [B, N, C], [CLS] attention [B, N] and key metric [B, N, d] at the feature layer.
 
     vLLM builds the tower only up to the feature layer (its last layer here) and its attention returns
-    no probabilities, so the last layer's queries and keys are recomputed from that layer's input.
+    no probabilities, so the last layer's queries and keys are recomputed from that layer's input. Under
+    tensor parallelism each rank holds num_heads / tp of the heads (QKVParallelLinear): the head sums are
+    all-reduced, so every rank scores with every head and selects the same tokens.
     """
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
     *front, feature_layer = tower.encoder.layers
@@ -87,5 +91,9 @@ def feature_layer_outputs(
     attn = feature_layer.self_attn
     query, key, _ = attn.qkv_proj(feature_layer.layer_norm1(hidden))[0].chunk(3, dim=-1)
     hidden = feature_layer(hidden)
-    num_heads = attn.num_heads_per_partition
-    return hidden[:, 1:], cls_attention(query, key, num_heads), key_metric(key, num_heads)[:, 1:]
+    attention = cls_attention(query, key, attn.num_heads_per_partition)
+    keys = key_sums(key, attn.num_heads_per_partition)
+    if attn.tp_size > 1:
+        attention = tensor_model_parallel_all_reduce(attention)
+        keys = tensor_model_parallel_all_reduce(keys)
+    return hidden[:, 1:], attention, key_metric(keys, attn.num_heads)[:, 1:]

@@ -5,6 +5,13 @@ compensation stays a separate term, out + (out V) V^T, with V (D x k, orthonorma
 in bfloat16 as a buffer of each compensated layer. Mathematically it is the folded edit
 W' = (I + V V^T) W applied after the product instead of before.
 
+The side path runs as a forward hook on the layer's MLP, whose output is the down-projection's
+(after the tensor-parallel all-reduce), not on the down-projection itself: vLLM's LoRA replaces
+`down_proj` by a wrapper that never calls the original module, so a hook there would silently stop
+firing under --enable-lora. With a LoRA adapter the side path corrects the adapted output,
+(I + V V^T)(W + s B A) x, in vLLM and in transformers alike. The basis stays a buffer of
+`down_proj` (its checkpoint name, `...mlp.down_proj.scp_side_path.basis`, is unchanged).
+
 Which layers carry one and at what rank is declared in config.json (`short_lvlm.side_paths`, new
 layer numbering), so a model class creates the buffers before its weights load. Pure torch: the
 same code attaches to vLLM's decoder layers and to transformers' (for checks against the folded form).
@@ -12,6 +19,7 @@ same code attaches to vLLM's decoder layers and to transformers' (for checks aga
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -24,8 +32,10 @@ log = logging.getLogger(__name__)
 
 # config.json `short_lvlm` entry: {"layers": [...], "rank": k, "dtype": "bfloat16"}
 CONFIG_KEY = "side_paths"
-# The decoder-layer submodule whose output the side path corrects (the same in transformers and vLLM).
+# The decoder-layer submodule that holds the basis, and the one whose output the side path corrects (the MLP returns
+# the down-projection's output): the same in transformers and vLLM.
 TARGET_MODULE = "mlp.down_proj"
+HOOKED_MODULE = "mlp"
 ATTRIBUTE = "scp_side_path"
 # Checkpoint name of V inside a decoder layer (after "layers.N."): the buffer's own module path.
 BASIS_KEY = f"{TARGET_MODULE}.{ATTRIBUTE}.basis"
@@ -44,11 +54,8 @@ class SubspaceSidePath(nn.Module):
         return out + (out @ basis) @ basis.T
 
 
-def _apply_side_path(module: nn.Module, args, output):
-    """Forward hook of the target module; vLLM's linear layers return (output, bias)."""
-    side_path = getattr(module, ATTRIBUTE)
-    if isinstance(output, tuple):
-        return (side_path(output[0]), *output[1:])
+def _apply_side_path(side_path: SubspaceSidePath, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the MLP (bound to its side path): its output, a tensor in transformers and vLLM."""
     return side_path(output)
 
 
@@ -58,7 +65,7 @@ def side_path_spec(short_lvlm: Mapping | None) -> dict | None:
 
 
 def attach_side_paths(layers: Sequence[nn.Module], spec: Mapping, hidden_size: int) -> dict[int, SubspaceSidePath]:
-    """Give each layer named in `spec` a side path at its down-projection output; returns them by layer.
+    """Give each layer named in `spec` a side path at its MLP's (= down-projection's) output; returns them by layer.
 
     `layers` is the decoder's layer list; entries without the target module (vLLM's placeholders for
     layers another pipeline stage holds) are skipped.
@@ -76,7 +83,7 @@ def attach_side_paths(layers: Sequence[nn.Module], spec: Mapping, hidden_size: i
         side_path = SubspaceSidePath(hidden_size, spec["rank"])
         side_path.to(next(target.parameters()).device)
         target.add_module(ATTRIBUTE, side_path)
-        target.register_forward_hook(_apply_side_path)
+        layers[index].get_submodule(HOOKED_MODULE).register_forward_hook(functools.partial(_apply_side_path, side_path))
         attached[index] = side_path
     log.info("SCP side paths (rank %d) at the down-projection of decoder layers %s", spec["rank"], sorted(attached))
     return attached
