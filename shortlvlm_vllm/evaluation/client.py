@@ -303,31 +303,32 @@ async def ask_items(
 
 
 def _record(benchmark: Benchmark, item: Item, result: StreamResult | None, error: str | None) -> dict:
-    parsed = benchmark.parse(item, result.text) if result else ""
+    record = answer_record(benchmark, item, result.text if result else None, error)
+    if result:
+        record.update(latency_s=result.latency_s, ttft_s=result.ttft_s, prompt_tokens=result.prompt_tokens,
+                      completion_tokens=result.completion_tokens)
+    return record
+
+
+def answer_record(benchmark: Benchmark, item: Item, reply: str | None, error: str | None = None) -> dict:
+    """One line of records.jsonl: the reply (None: the request failed), how it parsed and whether it is right."""
+    parsed = benchmark.parse(item, reply) if reply is not None else ""
     return {
-        "id": item.id,
-        "prompt": item.prompt,
-        "answer": result.text if result else None,
-        "parsed": parsed,
-        "gold": item.answer,
-        "correct": result is not None and benchmark.correct(item, parsed),
-        "latency_s": result.latency_s if result else None,
-        "ttft_s": result.ttft_s if result else None,
-        "prompt_tokens": result.prompt_tokens if result else None,
-        "completion_tokens": result.completion_tokens if result else None,
-        "error": error,
+        "id": item.id, "prompt": item.prompt, "answer": reply, "parsed": parsed, "gold": item.answer,
+        "correct": reply is not None and benchmark.correct(item, parsed), "latency_s": None, "ttft_s": None,
+        "prompt_tokens": None, "completion_tokens": None, "error": error,
     }
 
 
-def _check_run(out_dir: Path, benchmark: Benchmark, endpoint: Endpoint) -> None:
+def check_run(out_dir: Path, benchmark: Benchmark, model: str) -> None:
     """Refuse to mix two models or benchmarks in one output directory (resuming would blend their records)."""
-    run = {"benchmark": benchmark.name, "model": endpoint.model}
+    run = {"benchmark": benchmark.name, "model": model}
     path = out_dir / RUN_NAME
     if path.exists():
         before = json.loads(path.read_text())
         if before != run:
             raise ShortLVLMError(
-                f"{out_dir} holds the run of {before['model']} on {before['benchmark']}, not {endpoint.model} "
+                f"{out_dir} holds the run of {before['model']} on {before['benchmark']}, not {model} "
                 f"on {benchmark.name}; write to another output directory."
             )
         return
@@ -350,15 +351,20 @@ def run_benchmark(
     Records of ids outside this item set (another --limit or --seed before) stay in the file but are not scored.
     """
     out_dir = Path(out_dir)
-    _check_run(out_dir, benchmark, endpoint)
+    check_run(out_dir, benchmark, endpoint.model)
     items = benchmark.load(source, limit, seed)
     if not items:
         raise ShortLVLMError(f"{benchmark.name} gave no items (source {source or benchmark.hub_id}, limit {limit}).")
     records = asyncio.run(ask_items(endpoint, benchmark, items, out_dir / RECORDS_NAME, config))
-    failed = sum(r["error"] is not None for r in records.values())
+    return write_scores(out_dir, benchmark, endpoint.model, items, records)
+
+
+def write_scores(out_dir: Path, benchmark: Benchmark, model: str, items: Sequence[Item],
+                 records: Mapping[str, dict]) -> dict[str, float]:
+    """Score every item's record by the benchmark's metric and write OUT/scores.json; returns the scores."""
+    failed = sum(records[item.id]["error"] is not None for item in items)
     scores = benchmark.score(items, {item.id: records[item.id]["parsed"] for item in items})
-    summary = {"benchmark": benchmark.name, "model": endpoint.model, "items": len(items), "failed": failed,
-               "scores": scores}
+    summary = {"benchmark": benchmark.name, "model": model, "items": len(items), "failed": failed, "scores": scores}
     (out_dir / SCORES_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s: %d items, %d failed requests; scores in %s", benchmark.name, len(items), failed,
              out_dir / SCORES_NAME)
