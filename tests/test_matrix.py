@@ -256,3 +256,17 @@ throughput: {{num_prompts: 2, repeats: 2}}
     assert {row["kind"] for row in table["comparisons"]} == {"compensation", "localization"}
     records = (tmp_path / "out" / "arms" / "tis_none-25pct" / "accuracy" / "records.jsonl").read_text().splitlines()
     assert len(records) == 15 and json.loads(records[0])["answer"] is not None
+
+
+def test_batched_transformers_replies_equal_one_at_a_time(tiny_llava):
+    """Left-padded batches sorted by length give the replies of one item at a time, in the items' order."""
+    from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
+    from shortlvlm_vllm.evaluation.reference import generate_replies, load_reference
+
+    benchmark = get_benchmark("synthetic")
+    items = benchmark.load(limit=7)
+    model, processor = load_reference(tiny_llava)
+    one = generate_replies(model, processor, items, benchmark.max_tokens, batch_size=1)
+    batched = generate_replies(model, processor, items, benchmark.max_tokens, batch_size=3)
+    assert batched == one and len(set(one)) > 1
+    assert processor.tokenizer.padding_side == "right"  # restored
