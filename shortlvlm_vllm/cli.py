@@ -34,7 +34,8 @@ def _prune_flags() -> dict[str, tuple[str, object]]:
     flags = {name: (name, getattr(recipe, name)) for name in
              ("ratio", "drop_layers", "localize", "candidates", "top_p", "force", "visual_tokens", "revision")}
     flags |= {"compensate": ("compensation.method", None), "rank": ("compensation.rank", comp.rank),
-              "scp_target": ("compensation.target", comp.target), "calib": ("calibration.source", None)}
+              "scp_target": ("compensation.target", comp.target), "scp_pairing": ("compensation.pairing", comp.pairing),
+              "scp_shared": ("compensation.shared", comp.shared), "calib": ("calibration.source", None)}
     flags |= {name: (f"calibration.{name}", getattr(cal, name)) for name in
               ("num_samples", "heldout", "image_root", "split", "image_column", "question_column", "answer_column")}
     flags["calib_batch_size"] = ("calibration.batch_size", cal.batch_size)
@@ -43,7 +44,7 @@ def _prune_flags() -> dict[str, tuple[str, object]]:
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
-    from shortlvlm_vllm.prune.compensate import COMPENSATORS, SCP_TARGETS
+    from shortlvlm_vllm.prune.compensate import COMPENSATORS, PAIRINGS, SCP_TARGETS, SHARED_RULES
     from shortlvlm_vllm.prune.localize import LOCALIZERS
     from shortlvlm_vllm.prune.recipe import RECIPE_NAME
 
@@ -93,7 +94,13 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     add(alg, "--compensate", "how the removed layers are compensated (default: scp with --calib, else none)",
         choices=list(COMPENSATORS))
     add(alg, "--rank", "SCP subspace rank k", type=int)
-    add(alg, "--scp-target", "which kept-layer weights absorb the compensation", choices=list(SCP_TARGETS))
+    add(alg, "--scp-target", "which kept-layer weights absorb the compensation: the output side of down_proj "
+        "(and o_proj), or the inputs (q/k/v, gate/up) with the norms' gains folded in, as the paper writes it",
+        choices=list(SCP_TARGETS))
+    add(alg, "--scp-pairing", "which kept layer bridges which pruned layers: the nearest (the paper), the nearest "
+        "not yet used, or one bridge per run of pruned layers", choices=list(PAIRINGS))
+    add(alg, "--scp-shared", "how the gaps bridged by one kept layer combine: one basis from their stacked "
+        "differences, or their projections composed", choices=list(SHARED_RULES))
     add(alg, "--seed", "seed for sampling calibration data and --localize random", type=int)
     add(alg, "--force", "allow --ratio above 0.5", action="store_const", const=True)
     add(alg, "--visual-tokens", "keep K visual tokens per image (VisionZip-style, chosen before the language model); "
@@ -139,7 +146,8 @@ def prune_recipe_from_args(args: argparse.Namespace):
     return PruneRecipe(
         model=args.model, revision=value["revision"], ratio=value["ratio"], drop_layers=value["drop_layers"],
         localize=value["localize"], candidates=value["candidates"], top_p=value["top_p"], seed=value["seed"],
-        force=value["force"], compensation=CompensationSettings(method, value["rank"], value["scp_target"]),
+        force=value["force"], compensation=CompensationSettings(method, value["rank"], value["scp_target"],
+                                                                value["scp_pairing"], value["scp_shared"]),
         calibration=calibration, visual_tokens=value["visual_tokens"],
     )
 

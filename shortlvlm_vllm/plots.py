@@ -25,37 +25,169 @@ def plot_layer_scores(
     return _png(fig)
 
 
-def plot_accuracy_vs_throughput(
-    names: Sequence[str], quantization: Sequence[str], points: Sequence[tuple[float, float]], front: set[int]
-) -> bytes:
-    """PNG of (accuracy, output tokens/s) per arm, marker by quantization, the Pareto front in red."""
-    fig, ax = _figure((7, 4.5))
+def plot_feature_gap(gaps: Sequence[tuple[str, object, object, object]], title: str) -> bytes:
+    """PNG of the paper's Fig. 6: per bridged gap, a 2-D PCA of the pruned layer's features and its kept partner's,
+    before and after compensation. `gaps`: (label, target, before, after), each an [N, D] tensor of per-sample
+    pooled features; one PCA per panel, fitted on all three sets together."""
+    import torch
+
+    cols = min(3, len(gaps))
+    rows = -(-len(gaps) // cols)
+    fig, axes = _figure((4.0 * cols, 3.6 * rows + 0.4), rows, cols)
+    flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    for ax, (label, target, before, after) in zip(flat, gaps, strict=False):
+        points = torch.cat([target, before, after]).double()
+        centred = points - points.mean(0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        xy = (centred @ vh[:2].T).numpy()
+        n = len(target)
+        for part, (name, colour) in enumerate((("pruned layer (full model)", "tab:red"),
+                                               ("kept layer, no compensation", "tab:grey"),
+                                               ("kept layer, compensated", "tab:blue"))):
+            chunk = xy[part * n:(part + 1) * n]
+            ax.scatter(chunk[:, 0], chunk[:, 1], s=10, alpha=0.7, c=colour, label=name, lw=0)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("PC 1", fontsize=7)
+        ax.set_ylabel("PC 2", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(gaps):]:
+        ax.axis("off")
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return _png(fig, layout=False)
+
+
+def plot_accuracy_vs_throughput(rows: Sequence[Mapping], speeds: Sequence[Mapping], max_labels: int = 24) -> bytes:
+    """PNG of accuracy (Wilson 95% interval) against output tokens/s (median, range of the rounds) per arm, marker
+    by quantization, the Pareto front in red. Arms sharing a throughput shape share an x; their labels are stacked
+    beside the column without overlapping, and with more than `max_labels` arms only the front is labelled. Shapes
+    whose ranges overlap are named on the plot as inside the noise."""
+    fig, ax = _figure((8.5, 5.5))
     markers = {"none": "o", "gptq": "s", "awq": "^", "rtn": "D"}
-    for i, (name, method, (accuracy, speed)) in enumerate(zip(names, quantization, points, strict=True)):
-        ax.scatter(speed, accuracy, marker=markers.get(method, "o"), s=40, c="tab:red" if i in front else "tab:blue")
-        ax.annotate(name, (speed, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ordered = sorted((points[i] for i in front), key=lambda p: p[1])
-    ax.plot([p[1] for p in ordered], [p[0] for p in ordered], color="tab:red", lw=1, ls="--", label="Pareto front")
-    ax.set_xlabel("output tokens/s (same requests, one server per arm)")
-    ax.set_ylabel("accuracy")
+    measured = [r for r in rows if "output_tok_per_s" in r]
+    for r in measured:
+        colour = "tab:red" if r.get("pareto") else "tab:blue"
+        x, y = r["output_tok_per_s"], 100 * r["accuracy"]
+        ax.errorbar(x, y, xerr=[[x - r["output_tok_per_s_low"]], [r["output_tok_per_s_high"] - x]],
+                    yerr=[[y - 100 * r["accuracy_low"]], [100 * r["accuracy_high"] - y]], fmt=markers.get(
+                        r["quantize"], "o"), ms=4, color=colour, ecolor=colour, elinewidth=0.6, alpha=0.8, capsize=1.5)
+    front = sorted((r for r in measured if r.get("pareto")), key=lambda r: r["output_tok_per_s"])
+    ax.plot([r["output_tok_per_s"] for r in front], [100 * r["accuracy"] for r in front], color="tab:red", lw=1,
+            ls="--", label="Pareto front (medians)")
+    labelled = measured if len(measured) <= max_labels else front
+    _stacked_labels(ax, [(r["output_tok_per_s"], 100 * r["accuracy"], r["arm"]) for r in labelled])
+    overlapping = sorted({" ~ ".join(sorted((s["key"], other))) for s in speeds for other in s["inside_noise_of"]})
+    note = ("throughput inside the noise (ranges overlap): " + "; ".join(overlapping)) if overlapping else \
+        "every throughput shape's range is separated from the others"
+    ax.text(0.01, 0.01, "\n".join(_wrap(note, 110)), transform=ax.transAxes, fontsize=6.5, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    ax.set_xlabel("output tokens/s: median and range of the interleaved rounds, per serving shape")
+    ax.set_ylabel("accuracy % (95% interval)")
+    title = "labels: Pareto front only" if labelled is not measured else ""
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
     return _png(fig)
 
 
-def _figure(size: tuple[float, float]):
+def plot_accuracy_by_ratio(rows: Sequence[Mapping], seeds: Sequence[Mapping], groups: Sequence[str]) -> bytes:
+    """PNG in the manner of the paper's Fig. 3: accuracy against the pruned fraction, one line per localizer and
+    compensation (95% intervals), the random localizer as the mean over its seeds with its range shaded; one panel
+    overall and one per group."""
+    names = ["accuracy", *sorted(set(groups) - {""})]
+    cols = min(3, len(names))
+    fig, axes = _figure((4.2 * cols, 3.4 * -(-len(names) // cols) + 0.5), -(-len(names) // cols), cols)
+    flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    full = next((r for r in rows if not r["ratio"]), None)
+    lines: dict[tuple[str, str], list[Mapping]] = {}
+    for r in rows:
+        if r["ratio"] and r["localize"] != "random":
+            lines.setdefault((r["localize"], r["compensate"]), []).append(r)
+    for ax, name in zip(flat, names, strict=False):
+        key = "accuracy" if name == "accuracy" else name
+        for (localize, compensate), arms in sorted(lines.items()):
+            arms = sorted(arms, key=lambda r: r["ratio"])
+            xs = [100 * r["ratio"] for r in arms]
+            ys = [100 * r[key] for r in arms]
+            if name == "accuracy":
+                err = [[y - 100 * r["accuracy_low"] for y, r in zip(ys, arms, strict=True)],
+                       [100 * r["accuracy_high"] - y for y, r in zip(ys, arms, strict=True)]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, lw=1, capsize=2, label=f"{localize}+{compensate}")
+            else:
+                ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"{localize}+{compensate}")
+        for compensate in sorted({s["compensate"] for s in seeds}):
+            chosen = sorted((s for s in seeds if s["compensate"] == compensate), key=lambda s: s["ratio"])
+            stats = [s if name == "accuracy" else s[f"group/{name}"] for s in chosen]
+            xs = [100 * s["ratio"] for s in chosen]
+            line, = ax.plot(xs, [100 * s["mean"] for s in stats], ls=":", marker="x", ms=4, lw=1,
+                            label=f"random+{compensate} (mean of {len(chosen[0]['seeds'])} seeds, range shaded)")
+            ax.fill_between(xs, [100 * s["min"] for s in stats], [100 * s["max"] for s in stats],
+                            color=line.get_color(), alpha=0.15, lw=0)
+        if full is not None:
+            ax.axhline(100 * full[key], color="black", lw=0.8, ls="--", label="full model")
+        ax.set_title(name if name != "accuracy" else "overall (95% intervals)", fontsize=9)
+        ax.set_xlabel("decoder layers pruned (%)", fontsize=8)
+        ax.set_ylabel("accuracy %", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(names):]:
+        ax.axis("off")
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return _png(fig, layout=False)
+
+
+def _stacked_labels(ax, points: Sequence[tuple[float, float, str]]) -> None:
+    """Labels to the right of their points, pushed apart vertically where points share a column (same x, as arms
+    of one throughput shape do), each joined to its point by a thin line."""
+    if not points:
+        return
+    xs = [x for x, _, _ in points]
+    dx = 0.03 * ((max(xs) - min(xs)) or max(xs) or 1.0)
+    low, high = ax.get_ylim()
+    gap = (high - low) / 40
+    columns: dict[float, list[tuple[float, str]]] = {}
+    for x, y, text in points:
+        columns.setdefault(x, []).append((y, text))
+    top = high
+    for x, entries in columns.items():
+        entries.sort()
+        placed: list[float] = []
+        for y, _ in entries:
+            placed.append(max(y, placed[-1] + gap) if placed else y)
+        for (y, text), label_y in zip(entries, placed, strict=True):
+            ax.annotate(text, xy=(x, y), xytext=(x + dx, label_y), fontsize=6, va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.3, "color": "grey", "shrinkA": 0, "shrinkB": 2})
+        top = max(top, placed[-1] + gap)
+    ax.set_ylim(low, top)
+    ax.set_xlim(min(xs) - 2 * dx, max(xs) + 9 * dx)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def _figure(size: tuple[float, float], rows: int = 1, cols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size, dpi=110)
+    return plt.subplots(rows, cols, figsize=size, dpi=110, squeeze=False) if rows * cols > 1 else \
+        plt.subplots(figsize=size, dpi=110)
 
 
-def _png(fig) -> bytes:
+def _png(fig, layout: bool = True) -> bytes:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -3,7 +3,8 @@
 They exercise the loaders' local-path route offline (tests, a dry run of the eval matrix). A fixture of `n`
 units cycles through the hand-written rows with fresh ids; the default `n` is those rows exactly, whose answers
 the tests score by hand. A unit is a row, except for MME (an image and its two questions) and MMBench (a
-question; the table also holds one stored circular copy, as lmms-lab/MMBench does, which the loader skips).
+question, stored with its circular copies at index + k * 1e6 as lmms-lab-encoder/MMBench stores them, unless
+`circular_copies` is off).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def picture(k: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
 
 
 def write_fixture(name: str, out_dir: str | Path, n: int | None = None, fmt: str = "disk",
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, circular_copies: bool = True) -> Path:
     """Write benchmark `name`'s fixture of `n` units to `out_dir`; returns the path to pass as the source.
 
     `fmt` "disk" writes `Dataset.save_to_disk`; "parquet" writes one parquet file named after the split (read
@@ -96,8 +97,8 @@ def write_fixture(name: str, out_dir: str | Path, n: int | None = None, fmt: str
         raise ShortLVLMError(f"no fixture for {name!r}; fixtures exist for {', '.join([*_ROWS, 'synthetic'])}.")
     rows_of, base = _ROWS[name]
     rows = [row for k in range(len(base) if n is None else n) for row in rows_of(k)]
-    if name == "mmbench":
-        rows.append(_mmbench_copy(rows[0]))
+    if name == "mmbench" and circular_copies:
+        rows += [copy for row in list(rows) for copy in _mmbench_copies(row)]
     table = datasets.Dataset.from_list(rows, features=datasets.Features(_features()[name]))
     split = BENCHMARKS[name].split
     out = Path(out_dir).absolute()
@@ -129,11 +130,15 @@ def _mmbench(k: int) -> list[dict]:
              "comment": None, "split": "dev"}]
 
 
-def _mmbench_copy(row: dict) -> dict:
-    """Question `row` stored again with its options rotated once, at index + 1e6, as VLMEvalKit's tables do."""
-    texts = [row[letter] for letter in "ABCD"]
-    return {**row, "index": row["index"] + 1_000_000, **dict(zip("ABCD", texts[1:] + texts[:1], strict=True)),
-            "answer": "ABCD"["ABCD".index(row["answer"]) - 1]}
+def _mmbench_copies(row: dict) -> list[dict]:
+    """Question `row` stored again once per further rotation of its present options, at index + k * 1e6, as
+    VLMEvalKit's circular tables do (in copy k, letter i holds option i + k; missing options stay missing)."""
+    present = [letter for letter in "ABCD" if row[letter] not in (None, "nan")]
+    texts = [row[letter] for letter in present]
+    n, gold = len(texts), present.index(row["answer"])
+    return [{**row, "index": row["index"] + k * 1_000_000,
+             **{letter: texts[(i + k) % n] for i, letter in enumerate(present)}, "answer": present[(gold - k) % n]}
+            for k in range(1, n)]
 
 
 def _seed(k: int) -> list[dict]:

@@ -151,7 +151,7 @@ def test_mme_subsets_keep_image_pairs(tmp_path):
 
 def test_mmbench_rotations_and_prompt(fixtures):
     items = load(fixtures, "mmbench")
-    # 4 + 2 + 3 + 4 rotations; the stored circular copy (index 1000000) is skipped.
+    # 4 + 2 + 3 + 4 rotations: the stored copies (index + k * 1e6) are asked as rotation k.
     assert list(items) == ["0@0", "0@1", "0@2", "0@3", "1@0", "1@1", "2@0", "2@1", "2@2", "3@0", "3@1", "3@2", "3@3"]
     assert [items[f"0@{k}"].answer for k in range(4)] == ["C", "B", "A", "D"]
     assert [items[f"2@{k}"].answer for k in range(3)] == ["A", "C", "B"]
@@ -166,6 +166,32 @@ def test_mmbench_rotations_and_prompt(fixtures):
     assert items["2@1"].meta["options"] == {"A": "green", "B": "blue", "C": "red"}
     assert items["3@0"].meta["l2_category"] == "relation_reasoning"
     assert {item.meta["group"] for item in items.values()} == {"0", "1", "2", "3"}
+
+
+def test_mmbench_stored_copies_agree_with_rotations_built_here(fixtures, tmp_path):
+    built = get_benchmark("mmbench").load(str(write_fixture("mmbench", tmp_path / "bare", circular_copies=False)))
+    stored = get_benchmark("mmbench").load(str(fixtures["mmbench"]))
+    assert len(datasets.load_from_disk(str(fixtures["mmbench"]))) == 13  # 4 questions and their 9 stored copies
+    assert [(i.id, i.prompt, i.answer, i.meta) for i in stored] == [(i.id, i.prompt, i.answer, i.meta) for i in built]
+
+
+def test_mmbench_scores_the_stored_copies_where_present(fixtures, tmp_path):
+    """A copy stored with other options than a rotation built here would have is asked as stored."""
+    table = datasets.load_from_disk(str(fixtures["mmbench"]))
+    swapped = table.map(lambda row: {"A": row["B"], "B": row["A"], "answer": "A"} if row["index"] == 1_000_001
+                        else {})
+    swapped.save_to_disk(str(tmp_path / "swapped"))
+    items = {item.id: item for item in get_benchmark("mmbench").load(str(tmp_path / "swapped"))}
+    assert items["1@1"].meta["options"] == {"A": "no", "B": "yes"} and items["1@1"].answer == "A"
+    assert [item.meta["rotation"] for item in items.values() if item.meta["group"] == "1"] == [0, 1]
+
+
+def test_mmbench_units_are_questions(fixtures):
+    items = list(load(fixtures, "mmbench").values())
+    parsed = {item.id: item.answer for item in items} | {"1@1": "B"}  # question 1's second rotation wrong
+    units = get_benchmark("mmbench").units(items, parsed)
+    assert units == [("0", "image_scene", True), ("1", "attribute_recognition", False),
+                     ("2", "attribute_recognition", True), ("3", "spatial_relationship", True)]
 
 
 def test_mmbench_circular_score(fixtures):
@@ -306,7 +332,7 @@ def test_missing_path(tmp_path):
 def test_missing_column(fixtures, tmp_path):
     table = datasets.load_from_disk(str(fixtures["scienceqa"])).remove_columns("choices")
     table.save_to_disk(str(tmp_path / "sqa"))
-    with pytest.raises(ShortLVLMError, match="lacks column\\(s\\) choices.*lmms-lab/ScienceQA"):
+    with pytest.raises(ShortLVLMError, match="lacks column\\(s\\) choices.*lmms-lab-encoder/ScienceQA"):
         get_benchmark("scienceqa").load(str(tmp_path / "sqa"))
 
 
@@ -315,8 +341,38 @@ def test_unreachable_hub(monkeypatch):
         raise ConnectionError("no route to huggingface.co")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ShortLVLMError, match=r"lmms-lab/POPE.*no route.*--data PATH"):
+    with pytest.raises(ShortLVLMError, match=r"lmms-lab-encoder/POPE.*no route.*--data PATH"):
         get_benchmark("pope").load()
+
+
+def test_hub_ids_are_lmms_evals_current_ones_and_the_old_ones_are_accepted(fixtures, monkeypatch, caplog):
+    """lmms-eval moved them to lmms-lab-encoder/* (PR #1416); a cache or mirror under the old id still loads."""
+    assert {name: get_benchmark(name).hub_id for name in ("pope", "mme", "mmbench", "scienceqa", "seedbench")} == {
+        "pope": "lmms-lab-encoder/POPE", "mme": "lmms-lab-encoder/MME", "mmbench": "lmms-lab-encoder/MMBench",
+        "scienceqa": "lmms-lab-encoder/ScienceQA", "seedbench": "lmms-lab-encoder/SEED-Bench"}
+    asked = []
+
+    def only_the_old_id(name, config=None, split=None):
+        asked.append(name)
+        if name != "lmms-lab/POPE":
+            raise FileNotFoundError(f"{name} is not in the offline cache")
+        return datasets.load_from_disk(str(fixtures["pope"]))
+
+    monkeypatch.setattr(datasets, "load_dataset", only_the_old_id)
+    with caplog.at_level("WARNING"):
+        items = get_benchmark("pope").load()
+    assert asked == ["lmms-lab-encoder/POPE", "lmms-lab/POPE"] and len(items) == 6
+    assert "old id lmms-lab/POPE" in caplog.text
+
+
+def test_seedbench_question_type_given_as_a_string(fixtures, tmp_path):
+    table = datasets.load_from_disk(str(fixtures["seedbench"]))
+    as_text = table.cast_column("question_type_id", datasets.Value("string"))
+    assert as_text[0]["question_type_id"] == "1"
+    as_text.save_to_disk(str(tmp_path / "seed"))
+    items = get_benchmark("seedbench").load(str(tmp_path / "seed"))
+    assert [item.meta["question_type"] for item in items] == [
+        "Scene Understanding", "Instances Counting", "Instances Counting", "Text Understanding"]
 
 
 def test_parquet_file_and_bad_gold(tmp_path):

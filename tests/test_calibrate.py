@@ -14,9 +14,9 @@ from shortlvlm_vllm.data.calibration import CalibrationSample, calibration_input
 from shortlvlm_vllm.prune.calibrate import (
     TokenLayout,
     _Accumulator,
-    _hooks,
     _SampleRecorder,
     collate,
+    layer_hooks,
     run_calibration,
     select_top_tokens,
     tis_from_sums,
@@ -147,7 +147,7 @@ def test_hooked_sdpa_scores_equal_eager_attention_weights(tiny_vlm):
         layout = TokenLayout.from_input_ids(inputs["input_ids"], getattr(sdpa.config, adapter.image_token_config_key))
         recorder = _KeepScores(_Accumulator(8, [4, 5, 6, 7], 1, 128), 0.1)
         recorder.start(0, [layout], [inputs["input_ids"].shape[1]])
-        with _hooks(sdpa, adapter, recorder):
+        with layer_hooks(sdpa, adapter, recorder):
             hooked_logits = sdpa(**inputs).logits
         torch.testing.assert_close(hooked_logits, sdpa(**inputs).logits)  # the hooks change nothing
         attentions = eager(**inputs, output_attentions=True).attentions

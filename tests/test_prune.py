@@ -27,6 +27,32 @@ def test_record_plot_and_card(scp_pruned_vlm):
     assert "short_lvlm_scores.png" in (scp_pruned_vlm / "README.md").read_text()
 
 
+def test_the_card_of_a_tis_scp_prune_of_the_toy_shows_the_feature_gap(tmp_path):
+    """The paper's Fig. 6 for the user's own model: each pruned layer's features and its kept partner's, before and
+    after SCP, beside the score plot, with the gap in numbers."""
+    from shortlvlm_vllm.toy import TOY_MODEL_DIR
+
+    out = tmp_path / "toy-tis-scp"
+    assert main(["prune", str(TOY_MODEL_DIR), "--ratio", "0.3", "--calib", "synthetic", "--num-samples", "32",
+                 "--heldout", "8", "--rank", "16", "--scp-pairing", "nearest", "-o", str(out)]) == 0
+    record = json.loads((out / "config.json").read_text())["short_lvlm"]
+    gap = record["feature_gap"]
+    assert gap["samples"] == "8 held-out samples"
+    bridged = {(b["pruned"], b["kept"]) for b in gap["bridges"]}
+    assert bridged == {(p, r) for p, r in ((int(p), r) for p, r in record["compensation_pairs"].items())}
+    assert all(b["before"] > 0 and b["after"] > 0 for b in gap["bridges"])
+    assert record["figures"] == {"Layer scores": "short_lvlm_scores.png",
+                                 "Feature gap (the paper's Fig. 6)": "short_lvlm_feature_gap.png"}
+    with Image.open(out / "short_lvlm_feature_gap.png") as figure:
+        assert figure.size[0] > 400
+    card = (out / "README.md").read_text()
+    assert "![Feature gap (the paper's Fig. 6)](short_lvlm_feature_gap.png)" in card
+    assert "## Feature gap in numbers" in card
+    assert f"Mean over the gaps: {gap['mean_before']:.4g} -> {gap['mean_after']:.4g}" in card
+    first = gap["bridges"][0]
+    assert f"| {first['pruned']} | {first['kept']} | {first['before']:.4g} " in card
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_llava, llava_calib, tmp_path, capsys):
     args = ["prune", str(tiny_llava), "--ratio", "0.25", "--calib", str(llava_calib), "--num-samples", "8",
             "--heldout", "0", "--rank", "4", "--localize", "angular-block", "--dry-run", "-o", str(tmp_path / "o")]

@@ -23,7 +23,9 @@ class ArchitectureAdapter:
     decoder_layers_module: dotted path of the decoder layers' ModuleList in the transformers model.
     image_token_config_key: the config.json key holding the image placeholder token id.
     layer_weights: role -> weight name inside a decoder layer (after "layers.N."), for the
-        weights that compensation edits.
+        linear weights that compensation edits (and quantization quantizes).
+    layer_norms: role -> weight name of the RMSNorm gains (y = gain * x / rms(x)) that q/k/v and
+        gate/up read the residual stream through; SCP's input-side fold moves them into those weights.
     """
 
     model_type: str
@@ -44,6 +46,10 @@ class ArchitectureAdapter:
         ("up_proj", "mlp.up_proj.weight"),
         ("down_proj", "mlp.down_proj.weight"),
     )
+    layer_norms: tuple[tuple[str, str], ...] = (
+        ("input_layernorm", "input_layernorm.weight"),
+        ("post_attention_layernorm", "post_attention_layernorm.weight"),
+    )
 
     def match_layer_key(self, key: str) -> tuple[str, int, str] | None:
         """(prefix, layer index, rest) if `key` belongs to a decoder layer, else None."""
@@ -63,7 +69,7 @@ class ArchitectureAdapter:
 
     def layer_weight_key(self, keys: Iterable[str], layer: int, role: str) -> str:
         """The checkpoint key of weight `role` (e.g. "down_proj") of decoder layer `layer`."""
-        rest = "." + dict(self.layer_weights)[role]
+        rest = "." + dict(self.layer_weights + self.layer_norms)[role]
         for key in keys:
             m = self.match_layer_key(key)
             if m and m[1] == layer and m[2] == rest:

@@ -44,6 +44,8 @@ def render_model_card(section: Mapping) -> str:
                   "installed); stock transformers loads the weights and uses every token.", ""]
     for heading, file in (section.get("figures") or {}).items():
         lines += [f"## {heading}", "", f"![{heading}]({file})", ""]
+    if section.get("feature_gap"):
+        lines += _feature_gap(section["feature_gap"])
     if section.get("heldout_drift"):
         lines += ["## Drift from the full model on held-out samples", "",
                   f"Measured on up to {section['calibration']['heldout']} calibration-source samples not used for "
@@ -92,6 +94,18 @@ def _pruning(section: Mapping) -> list[str]:
             "and vLLM load it.", "",
             f"Method: {PAPER} as implemented by {TOOL}; the `short_lvlm` section of config.json records every setting.",
             ""]
+
+
+def _feature_gap(gap: Mapping) -> list[str]:
+    rows = [f"| {g['pruned']} | {g['kept']} | {g['before']:.4g} ({g['relative_before']:.1%}) | "
+            f"{g['after']:.4g} ({g['relative_after']:.1%}) |" for g in gap["bridges"]]
+    return ["## Feature gap in numbers", "",
+            f"Mean distance between the pruned layer's pooled output in the full model and its kept partner's in the "
+            f"pruned model, without and with compensation ({gap['samples']}; in brackets: relative to the pruned "
+            f"layer's mean norm). Mean over the gaps: {gap['mean_before']:.4g} -> {gap['mean_after']:.4g} "
+            f"({gap['mean_relative_before']:.1%} -> "
+            f"{gap['mean_relative_after']:.1%}).", "",
+            "| pruned layer | kept layer | before | after |", "| --- | --- | --- | --- |", *rows, ""]
 
 
 def _settings(section: Mapping) -> list[str]:

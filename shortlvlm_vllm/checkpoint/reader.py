@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ class SourceCheckpoint:
         cache = hub_cache_dir().resolve()
         return protected_paths(self.path) + ([cache] if cache in self.path.resolve().parents else [])
 
+    @property
+    def fingerprint(self) -> dict:
+        """What tells two versions of this checkpoint apart cheaply (see `checkpoint_fingerprint`)."""
+        return checkpoint_fingerprint(self.path)
+
     def tensor_info(self, name: str) -> TensorInfo:
         for shard in self.shards:
             if name in shard.tensors:
@@ -109,3 +115,10 @@ def _shard_paths(path: Path) -> list[Path]:
         f"{path} has no .safetensors weights{found}. Re-save it with "
         f"`save_pretrained(..., safe_serialization=True)` first."
     )
+
+
+def checkpoint_fingerprint(path: Path) -> dict:
+    """config.json's sha256 and each weight file's size: what tells two versions of a checkpoint apart without
+    reading its weights (a retrained model rewrites its config, whose training record changes)."""
+    return {"config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+            "weights": {f.name: f.stat().st_size for f in sorted(path.glob("*.safetensors"))}}

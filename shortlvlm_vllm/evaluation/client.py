@@ -350,24 +350,26 @@ async def ask_items(
 
 def _record(benchmark: Benchmark, item: Item, result: StreamResult | None, error: str | None,
             endpoint: Endpoint) -> dict:
-    parsed = benchmark.parse(item, result.text) if result else ""
+    record = answer_record(benchmark, item, result.text if result else None, error, server=endpoint.base_url)
+    if result:
+        record.update(latency_s=result.latency_s, ttft_s=result.ttft_s, prompt_tokens=result.prompt_tokens,
+                      completion_tokens=result.completion_tokens)
+    return record
+
+
+def answer_record(benchmark: Benchmark, item: Item, reply: str | None, error: str | None = None,
+                  server: str | None = None) -> dict:
+    """One line of records.jsonl: the reply (None: the request failed), how it parsed, whether it is right, and the
+    server that answered (None: answered in-process)."""
+    parsed = benchmark.parse(item, reply) if reply is not None else ""
     return {
-        "id": item.id,
-        "server": endpoint.base_url,
-        "prompt": item.prompt,
-        "answer": result.text if result else None,
-        "parsed": parsed,
-        "gold": item.answer,
-        "correct": result is not None and benchmark.correct(item, parsed),
-        "latency_s": result.latency_s if result else None,
-        "ttft_s": result.ttft_s if result else None,
-        "prompt_tokens": result.prompt_tokens if result else None,
-        "completion_tokens": result.completion_tokens if result else None,
-        "error": error,
+        "id": item.id, "server": server, "prompt": item.prompt, "answer": reply, "parsed": parsed,
+        "gold": item.answer, "correct": reply is not None and benchmark.correct(item, parsed), "latency_s": None,
+        "ttft_s": None, "prompt_tokens": None, "completion_tokens": None, "error": error,
     }
 
 
-def _check_run(out_dir: Path, benchmark: Benchmark, model: str) -> None:
+def check_run(out_dir: Path, benchmark: Benchmark, model: str) -> None:
     """Refuse to mix two models or benchmarks in one output directory (resuming would blend their records); the
     servers may change from one run to the next."""
     run = {"benchmark": benchmark.name, "model": model}
@@ -402,15 +404,20 @@ def run_benchmark(
     if source is not None:
         check_apart(out_dir, [source])  # records and scores never go into the benchmark's data
     model = replicas_of(endpoints)[0].model
-    _check_run(out_dir, benchmark, model)
+    check_run(out_dir, benchmark, model)
     items = benchmark.load(source, limit, seed)
     if not items:
         raise ShortLVLMError(f"{benchmark.name} gave no items (source {source or benchmark.hub_id}, limit {limit}).")
     records = asyncio.run(ask_items(endpoints, benchmark, items, out_dir / RECORDS_NAME, config))
-    failed = sum(r["error"] is not None for r in records.values())
+    return write_scores(out_dir, benchmark, model, items, records)
+
+
+def write_scores(out_dir: Path, benchmark: Benchmark, model: str, items: Sequence[Item],
+                 records: Mapping[str, dict]) -> dict[str, float]:
+    """Score every item's record by the benchmark's metric and write OUT/scores.json; returns the scores."""
+    failed = sum(records[item.id]["error"] is not None for item in items)
     scores = benchmark.score(items, {item.id: records[item.id]["parsed"] for item in items})
-    summary = {"benchmark": benchmark.name, "model": model, "items": len(items), "failed": failed,
-               "scores": scores}
+    summary = {"benchmark": benchmark.name, "model": model, "items": len(items), "failed": failed, "scores": scores}
     write_atomic(out_dir / SCORES_NAME, json.dumps(summary, indent=2) + "\n")
     log.info("%s: %d items, %d failed requests; scores in %s", benchmark.name, len(items), failed,
              out_dir / SCORES_NAME)

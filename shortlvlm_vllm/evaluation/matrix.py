@@ -1,25 +1,29 @@
 """The evaluation matrix: arms (layer ratio x localization x compensation x quantization x visual tokens) built,
-served, measured.
+measured for accuracy and for throughput, and compared with their uncertainty.
 
-A YAML config names the model, the benchmark, the throughput workload and the axes; every combination of
-the axes is an arm. Each arm's checkpoint is built once and cached under a key of its recipe, so a rerun
-(or another config sharing arms) reuses it; each arm gets its own vLLM server, started and stopped around
-the same accuracy requests and the same throughput workload (`replicas: N` gives each arm N servers, placed on their
-own GPUs or CPU cores, that share the requests). Results go out as JSON, CSV, markdown and a
-plot of accuracy against throughput with the Pareto front marked; they name checkpoints relative to the results
-directory, never by a path of the machine that ran them. The visual-token axis (`token_fraction`, the fraction of
-each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets the budget through `--hf-overrides`.
+A YAML config names the model, the benchmark, the throughput workload and the axes; every combination of the axes is
+an arm. Each arm's checkpoint is built once and cached under a key of its recipe, and one calibration pass serves
+every arm with the same calibration settings (its statistics are cached by source, calibration draw, candidates and
+top-p). Accuracy: each arm served by its own vLLM server (`scorer: vllm`), or answered in-process by transformers in
+batches (`scorer: transformers`, for large ablations; it agrees with vLLM on the toy within 0.1 point); arms whose
+weights are byte-identical (two localizers picking the same layers) are scored once. Throughput depends on an arm's
+serving shape (layer count, quantization, visual tokens, side paths), not on which layers went, so by default it is
+measured once per shape (`throughput.per: shape`), `throughput.repeats` times, the rounds interleaved across shapes
+so that drift on a shared machine hits every shape alike (`replicas: N` gives each arm N servers, placed on
+their own GPUs or CPU cores, that share the requests). Tables and plots are written by `tables.write_tables`,
+with intervals and paired tests; they name checkpoints relative to the results directory. The visual-token axis
+(`token_fraction`, the fraction of each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets
+the budget through `--hf-overrides`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import itertools
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,14 +32,18 @@ from typing import Any
 from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.files import check_apart, portable_name, protected_paths, write_atomic
-from shortlvlm_vllm.plots import plot_accuracy_vs_throughput
 from shortlvlm_vllm.prune.compensate import CompensationSettings
 from shortlvlm_vllm.prune.recipe import PruneRecipe
 
 log = logging.getLogger(__name__)
 
-AXES = ("ratio", "localize", "compensate", "quantize", "token_fraction")
-ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none", "token_fraction": 1.0}
+_SCP = CompensationSettings()
+# The compensate axis takes "none", "scp" (the default pairing and target) or "scp/PAIRING/TARGET".
+AXES = ("ratio", "localize", "compensate", "quantize", "token_fraction", "seed")
+ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none", "token_fraction": 1.0,
+                "seed": 0}
+SCORERS = ("vllm", "transformers")
+THROUGHPUT_DEFAULTS = {"num_prompts": 64, "concurrency": 16, "output_len": 16, "repeats": 3, "per": "shape"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,26 @@ class Arm:
     compensate: str
     quantize: str
     token_fraction: float = 1.0  # fraction of each image's visual tokens kept (K is `visual_tokens(N)`)
+    seed: int = 0  # --localize random's seed (0 for every other localizer)
+    scp_pairing: str = _SCP.pairing  # SCP's settings (the defaults for every other compensation)
+    scp_target: str = _SCP.target
+
+    @property
+    def compensation_name(self) -> str:
+        """"scp" with the default pairing and target, else "scp/PAIRING/TARGET"; other compensations by name."""
+        if self.compensate != "scp" or (self.scp_pairing, self.scp_target) == (_SCP.pairing, _SCP.target):
+            return self.compensate
+        return f"scp/{self.scp_pairing}/{self.scp_target}"
+
+    @property
+    def localize_name(self) -> str:
+        return f"random#{self.seed}" if self.localize == "random" else self.localize
 
     @property
     def pruning_name(self) -> str:
-        return f"{self.localize}+{self.compensate}-{round(self.ratio * 100)}%" if self.ratio else "full"
+        if not self.ratio:
+            return "full"
+        return f"{self.localize_name}+{self.compensation_name}-{round(self.ratio * 100)}%"
 
     @property
     def name(self) -> str:
@@ -74,12 +98,30 @@ class MatrixConfig:
     calibration: dict[str, Any] = field(default_factory=lambda: {"source": "synthetic", "num_samples": 256})
     rank: int = 64
     benchmark: dict[str, Any] = field(default_factory=lambda: {"name": "synthetic", "limit": 500})
+    scorer: str = "vllm"  # who answers the accuracy questions: each arm's vLLM server, or transformers in-process
+    batch_size: int = 64  # scorer transformers: items per batch
     client: dict[str, Any] = field(default_factory=lambda: {"concurrency": 8})
-    throughput: dict[str, Any] = field(default_factory=lambda: {"num_prompts": 64, "concurrency": 16,
-                                                                 "output_len": 16})
+    # the workload (num_prompts, concurrency, output_len), how often it is replayed per shape or arm (repeats; 0: not
+    # measured), and whether per distinct serving shape (per: shape) or per arm (per: arm)
+    throughput: dict[str, Any] = field(default_factory=lambda: dict(THROUGHPUT_DEFAULTS))
     server: dict[str, Any] = field(default_factory=dict)  # VLLMServer keyword arguments (max_model_len, ...)
     replicas: int = 1  # servers per arm (data parallelism: each on its own GPUs or CPU cores), sharing the requests
     quantize: dict[str, Any] = field(default_factory=lambda: {"scheme": "W4A16", "num_samples": 64})
+
+    def __post_init__(self) -> None:
+        self.throughput = {**THROUGHPUT_DEFAULTS, **self.throughput}
+        if self.scorer not in SCORERS:
+            raise ShortLVLMError(f"unknown scorer {self.scorer!r}; choose from {', '.join(SCORERS)}.")
+        if self.throughput["per"] not in ("shape", "arm"):
+            raise ShortLVLMError(f"throughput.per is {self.throughput['per']!r}: measure per shape or per arm.")
+        if int(self.throughput["repeats"]) < 0:
+            raise ShortLVLMError("throughput.repeats must be 0 (no throughput measured) or more.")
+        if self.scorer == "transformers":
+            odd = [arm.name for arm in self.arms if arm.quantize != "none" or arm.token_fraction != 1]
+            if odd:
+                raise ShortLVLMError(f"scorer transformers answers with stock transformers, which serves neither "
+                                     f"quantized checkpoints nor visual-token budgets ({', '.join(odd)}): use scorer "
+                                     f"vllm for those arms.")
 
 
 def load_config(path: str | Path) -> MatrixConfig:
@@ -125,31 +167,46 @@ def _as_list(value: Any) -> list:
 
 
 def _normalise(arm: Arm) -> Arm:
-    """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget."""
+    """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget; a seed
+    only matters to the random localizer. "scp/PAIRING/TARGET" on the compensate axis sets SCP's settings."""
+    from shortlvlm_vllm.prune.compensate import PAIRINGS, SCP_TARGETS
+
     fraction = float(arm.token_fraction)
-    return Arm(0.0, "-", "-", arm.quantize, fraction) if not arm.ratio else Arm(float(arm.ratio), *map(str, (
-        arm.localize, arm.compensate, arm.quantize)), fraction)
+    if not arm.ratio:
+        return Arm(0.0, "-", "-", str(arm.quantize), fraction)
+    method, *variant = str(arm.compensate).split("/")
+    pairing, target = variant if len(variant) == 2 else (_SCP.pairing, _SCP.target)
+    if variant and (method != "scp" or len(variant) != 2 or pairing not in PAIRINGS or target not in SCP_TARGETS):
+        raise ShortLVLMError(f"compensate {arm.compensate!r}: write none, scp, or scp/PAIRING/TARGET with a pairing "
+                             f"of {', '.join(PAIRINGS)} and a target of {', '.join(SCP_TARGETS)}.")
+    return Arm(float(arm.ratio), str(arm.localize), method, str(arm.quantize), fraction,
+               int(arm.seed) if arm.localize == "random" else 0, pairing, target)
 
 
 SOURCE_NAME = "source.json"
 
 
 def source_fingerprint(model: str, path: Path) -> dict:
-    """What tells two versions of a checkpoint apart cheaply: config.json's hash and each weight file's size."""
-    return {"model": model, "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
-            "weights": {f.name: f.stat().st_size for f in sorted(path.glob("*.safetensors"))}}
+    """The model as the config names it, and what tells two versions of its checkpoint apart."""
+    from shortlvlm_vllm.checkpoint.reader import checkpoint_fingerprint
+
+    return {"model": model, **checkpoint_fingerprint(path)}
 
 
 def _slug(name: str) -> str:
-    return name.replace("%", "pct").replace("+", "_")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("%", "pct"))
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+RESULT_NAME = "result.json"
+UNITS_NAME = "units.json"
+
+
 class Matrix:
-    """Builds, serves and measures every arm of a config into `out_dir`."""
+    """Builds, measures and compares every arm of a config into `out_dir`."""
 
     def __init__(self, config: MatrixConfig, out_dir: str | Path) -> None:
         self.config = config
@@ -180,9 +237,9 @@ class Matrix:
 
     def prune_recipe(self, arm: Arm) -> PruneRecipe:
         """The recipe that builds the arm's pruned checkpoint (the same `shortlvlm prune --recipe` replays)."""
-        return PruneRecipe(model=self.config.model, ratio=arm.ratio, localize=arm.localize,
-                           compensation=CompensationSettings(arm.compensate, self.config.rank),
-                           calibration=self._calibration())
+        compensation = CompensationSettings(arm.compensate, self.config.rank, arm.scp_target, arm.scp_pairing)
+        return PruneRecipe(model=self.config.model, ratio=arm.ratio, localize=arm.localize, seed=arm.seed,
+                           compensation=compensation, calibration=self._calibration())
 
     def _pruned(self, arm: Arm) -> Path:
         from shortlvlm_vllm.prune.pipeline import prune
@@ -193,7 +250,7 @@ class Matrix:
         dst = self.cache / f"{_slug(arm.pruning_name)}-{_key(recipe.to_yaml())}"
         if not (dst / "config.json").is_file():
             log.info("pruning %s: %s", self.config.model, arm.name)
-            prune(recipe, dst, overwrite=True)
+            prune(recipe, dst, overwrite=True, statistics_cache=self.cache / "calibration")
         return dst
 
     def _calibration(self, num_samples: int | None = None) -> CalibrationSource:
@@ -215,14 +272,21 @@ class Matrix:
         return [*protected_paths(source), *([cache] if cache in source.resolve().parents else []), *data]
 
     def run(self) -> list[dict]:
-        """Every arm in turn; an arm measured before (its result file exists) is read back, not rerun."""
+        """Every arm's accuracy, then every shape's (or arm's) throughput rounds; what was measured before (its file
+        exists) is read back, not rerun. Tables are rewritten as results come in."""
+        from shortlvlm_vllm.evaluation.tables import write_tables
+
         check_apart(self.out, self.protected())
         self.check_source()
         results = []
         for i, arm in enumerate(self.config.arms, 1):
             log.info("arm %d/%d: %s", i, len(self.config.arms), arm.name)
-            results.append(self.measure(arm))
+            results.append(self.measure_accuracy(arm, results))
             write_tables(results, self.out)
+        speeds = self.measure_throughput(results)
+        for result in results:
+            result["throughput"] = speeds.get(result["throughput_key"])
+        write_tables(results, self.out)
         return results
 
     def check_source(self) -> None:
@@ -236,51 +300,150 @@ class Matrix:
         if path.is_file():
             recorded = json.loads(path.read_text())
         else:
-            recorded = fingerprint if not any((self.out / "arms").glob("*/result.json")) else None
+            recorded = fingerprint if not any((self.out / "arms").glob(f"*/{RESULT_NAME}")) else None
         if recorded != fingerprint:
             what = f"another version of {fingerprint['model']}" if recorded else "a source it did not record"
             raise ShortLVLMError(f"{self.out} holds arms measured on {what} (config or weight files differ): measure "
                                  f"into a new directory, or delete {self.out} to start over.")
         write_atomic(path, json.dumps(fingerprint, indent=2) + "\n")
 
-    def measure(self, arm: Arm) -> dict:
+    def measure_accuracy(self, arm: Arm, measured: list[dict] = ()) -> dict:
+        """The arm's accuracy on the benchmark, with each unit's correctness (for intervals and paired tests); an arm
+        whose weights are byte-identical to one in `measured` takes its answers."""
         from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
-        from shortlvlm_vllm.evaluation.client import ClientConfig, Endpoint, run_benchmark
-        from shortlvlm_vllm.evaluation.throughput import requests_from_items, run_throughput
-        from shortlvlm_vllm.serving.launcher import VLLMServer
+        from shortlvlm_vllm.evaluation.client import RECORDS_NAME, load_records
 
         arm_dir = self.out / "arms" / arm.slug
-        result_path = arm_dir / "result.json"
+        result_path = arm_dir / RESULT_NAME
         if result_path.is_file():
             return json.loads(result_path.read_text())
         checkpoint = self.checkpoint(arm)
         started = time.perf_counter()
+        config = json.loads((checkpoint / "config.json").read_text())
+        record = config.get("short_lvlm") or {}
         bench = dict(self.config.benchmark)
         benchmark = get_benchmark(bench.pop("name"))
-        speed = dict(self.config.throughput)
-        workload = benchmark.load(bench.get("data"), speed.pop("num_prompts"), bench.get("seed", 0))
         server_kwargs, visual_tokens = self.server_kwargs(arm, checkpoint)
-        replicas = self.config.replicas
-        with contextlib.ExitStack() as servers:
-            endpoints = []
-            for replica in range(replicas):
-                log_name = "server.log" if replicas == 1 else f"server-{replica}.log"
-                server = servers.enter_context(VLLMServer(
-                    checkpoint, log_path=arm_dir / log_name, served_model_name=arm.name, replica=replica,
-                    replicas=replicas, **server_kwargs))
-                endpoints.append(Endpoint(server.base_url, arm.name, server.api_key))
-            scores = run_benchmark(endpoints, benchmark, arm_dir / "accuracy", source=bench.get("data"),
-                                   limit=bench.get("limit"), seed=bench.get("seed", 0),
-                                   config=ClientConfig(**self.config.client))
-            throughput = run_throughput(endpoints, requests_from_items(workload), **speed)
+        digest = _key(weights_sha256(checkpoint), visual_tokens, self.config.scorer)
+        twin = next((r for r in measured if r.get("weights_key") == digest), None)
         result = {**asdict(arm), "arm": arm.name, "checkpoint": self.checkpoint_name(checkpoint),
-                  "visual_tokens": visual_tokens,
-                  "layers": _num_layers(json.loads((checkpoint / "config.json").read_text())),
-                  "accuracy": scores, "throughput": throughput.to_dict(),
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "visual_tokens": visual_tokens, "layers": _num_layers(config),
+                  "pruned_layers": record.get("pruned_layers", []),
+                  "compensation_pairs": record.get("compensation_pairs"),
+                  "heldout_drift": record.get("heldout_drift"), "feature_gap": _gap_summary(record),
+                  "weights_key": digest, "scorer": self.config.scorer,
+                  "throughput_key": self.throughput_key(arm, checkpoint, config, visual_tokens)}
+        if twin is not None:
+            log.info("%s has the weights of %s: its answers are reused", arm.name, twin["arm"])
+            result.update(accuracy=twin["accuracy"], units=twin["units"], same_weights_as=twin["arm"])
+        else:
+            scores = self._score(arm, checkpoint, benchmark, bench, arm_dir / "accuracy", server_kwargs)
+            items = benchmark.load(bench.get("data"), bench.get("limit"), bench.get("seed", 0))
+            records = load_records(arm_dir / "accuracy" / RECORDS_NAME)
+            units = benchmark.units(items, {item.id: records[item.id]["parsed"] for item in items})
+            self._check_units(units)
+            result.update(accuracy=scores, units={"ids_sha256": _ids_key(units),
+                                                  "correct": "".join("1" if right else "0" for *_, right in units)})
+        result["seconds"] = round(time.perf_counter() - started, 1)
         write_atomic(result_path, json.dumps(result, indent=1, default=str) + "\n")
         return result
 
+    def _score(self, arm: Arm, checkpoint: Path, benchmark, bench: dict, out: Path, server_kwargs: dict) -> dict:
+        if self.config.scorer == "transformers":
+            from shortlvlm_vllm.evaluation.reference import score_with_transformers
+
+            return score_with_transformers(checkpoint, benchmark, out, model_name=arm.name, source=bench.get("data"),
+                                           limit=bench.get("limit"), seed=bench.get("seed", 0),
+                                           batch_size=self.config.batch_size)
+        from shortlvlm_vllm.evaluation.client import ClientConfig, run_benchmark
+
+        with self.servers(arm, checkpoint, out.parent, "server", server_kwargs) as endpoints:
+            return run_benchmark(endpoints, benchmark, out, source=bench.get("data"), limit=bench.get("limit"),
+                                 seed=bench.get("seed", 0), config=ClientConfig(**self.config.client))
+
+    @contextlib.contextmanager
+    def servers(self, arm: Arm, checkpoint: Path, log_dir: Path, log_stem: str, server_kwargs: dict):
+        """The arm's `replicas` vLLM servers, each on its own GPUs or CPU cores; yields their endpoints."""
+        from shortlvlm_vllm.evaluation.client import Endpoint
+        from shortlvlm_vllm.serving.launcher import VLLMServer
+
+        replicas = self.config.replicas
+        with contextlib.ExitStack() as stack:
+            endpoints = []
+            for replica in range(replicas):
+                log_name = f"{log_stem}.log" if replicas == 1 else f"{log_stem}-{replica}.log"
+                server = stack.enter_context(VLLMServer(
+                    checkpoint, log_path=log_dir / log_name, served_model_name=arm.name, replica=replica,
+                    replicas=replicas, **server_kwargs))
+                endpoints.append(Endpoint(server.base_url, arm.name, server.api_key))
+            yield endpoints
+
+    def _check_units(self, units: list[tuple[str, str, bool]]) -> None:
+        """Every arm is scored on the same units in the same order (OUT/units.json), or paired tests mean nothing."""
+        path = self.out / UNITS_NAME
+        entry = {"ids_sha256": _ids_key(units), "ids": [u for u, _, _ in units], "groups": [g for _, g, _ in units]}
+        if not path.is_file():
+            write_atomic(path, json.dumps(entry) + "\n")
+        elif json.loads(path.read_text())["ids_sha256"] != entry["ids_sha256"]:
+            raise ShortLVLMError(f"{self.out} holds arms scored on other questions (another benchmark, limit or seed):"
+                                 " measure into a new directory.")
+
+    def throughput_key(self, arm: Arm, checkpoint: Path, config: dict, visual_tokens: int | None) -> str:
+        """Which throughput measurement the arm shares: its serving shape, or the arm itself (`per: arm`)."""
+        if self.config.throughput["per"] == "arm":
+            return arm.slug
+        from shortlvlm_vllm.serving.vllm_plugin import side_path
+
+        shape = f"{_num_layers(config)}-layers"
+        if arm.quantize != "none":
+            shape += f"+{arm.quantize}"
+        if visual_tokens is not None:
+            shape += f"+tokens-{visual_tokens}"
+        if side_path.side_path_spec(config.get("short_lvlm")):
+            shape += "+side-paths"
+        return shape
+
+    def measure_throughput(self, results: list[dict]) -> dict[str, dict]:
+        """Each throughput key's rounds, interleaved: round r of every key before round r + 1 of any; a round is one
+        server start, one warm-up request and one replay of the workload. Key -> the spread of each figure."""
+        from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
+        from shortlvlm_vllm.evaluation.statistics import Spread
+        from shortlvlm_vllm.evaluation.throughput import requests_from_items, run_throughput
+
+        speed = dict(self.config.throughput)
+        repeats, _ = int(speed.pop("repeats")), speed.pop("per")
+        bench = dict(self.config.benchmark)
+        representative: dict[str, dict] = {}
+        for result in results:
+            representative.setdefault(result["throughput_key"], result)
+        workload = None
+        for round_ in range(repeats):
+            for key, result in representative.items():
+                path = self.out / "throughput" / _slug(key) / f"round-{round_}.json"
+                if path.is_file():
+                    continue
+                if workload is None:
+                    benchmark = get_benchmark(bench["name"])
+                    workload = requests_from_items(
+                        benchmark.load(bench.get("data"), speed["num_prompts"], bench.get("seed", 0)))
+                arm = _arm_of(result)
+                checkpoint = self.checkpoint(arm)
+                kwargs, _ = self.server_kwargs(arm, checkpoint)
+                log.info("throughput round %d/%d: %s (%s)", round_ + 1, repeats, key, arm.name)
+                with self.servers(arm, checkpoint, path.parent, path.stem, kwargs) as endpoints:
+                    measured = run_throughput(endpoints, workload,
+                                              **{k: v for k, v in speed.items() if k != "num_prompts"})
+                write_atomic(path, json.dumps({"arm": arm.name, **measured.to_dict()}, indent=1) + "\n")
+        summaries = {}
+        for key in representative if repeats else ():
+            rounds = [json.loads((self.out / "throughput" / _slug(key) / f"round-{r}.json").read_text())
+                      for r in range(repeats)]
+            summaries[key] = {"key": key, "measured_on": rounds[0]["arm"], "rounds": repeats,
+                              "servers": rounds[0].get("servers", 1),
+                              **{figure: Spread(tuple(float(r[figure]) for r in rounds)).as_dict()
+                                 for figure in ("output_throughput", "request_throughput", "median_ttft_ms",
+                                                "median_tpot_ms")}}
+        return summaries
 
     def checkpoint_name(self, checkpoint: Path) -> str:
         """How results name a checkpoint: the model as the config names it, or its path relative to the results."""
@@ -301,55 +464,29 @@ class Matrix:
         return kwargs, budget
 
 
+def _arm_of(result: dict) -> Arm:
+    return Arm(**{name: result[name] for name in Arm.__dataclass_fields__})
+
+
+def _gap_summary(record: dict) -> dict | None:
+    gap = record.get("feature_gap")
+    return None if not gap else {key: gap[key] for key in gap if key.startswith("mean_")}
+
+
+def _ids_key(units: list[tuple[str, str, bool]]) -> str:
+    return hashlib.sha256("\n".join(u for u, _, _ in units).encode()).hexdigest()[:16]
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    """sha256 over the checkpoint's weight files in name order: two arms with the same bytes answer alike."""
+    digest = hashlib.sha256()
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _num_layers(config: dict) -> int | None:
     text = config.get("text_config", config)
     return text.get("num_hidden_layers")
-
-
-def headline(result: dict) -> tuple[float, float]:
-    """(accuracy, output tokens/s) of an arm: the plot's two axes."""
-    accuracy = result["accuracy"]["accuracy"]
-    return float(accuracy), float(result["throughput"]["output_throughput"])
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points no other point beats on both accuracy and throughput."""
-    return [i for i, (a, t) in enumerate(points)
-            if not any(a2 >= a and t2 >= t and (a2, t2) != (a, t) for a2, t2 in points)]
-
-
-def write_tables(results: list[dict], out_dir: Path) -> None:
-    """results.json, results.csv, results.md and accuracy_vs_throughput.png under `out_dir`, each written atomically."""
-    points = [headline(r) for r in results]
-    front = set(pareto_front(points))
-    rows = []
-    for i, r in enumerate(results):
-        t = r["throughput"]
-        rows.append({
-            "arm": r["arm"], "ratio": r["ratio"], "localize": r["localize"], "compensate": r["compensate"],
-            "quantize": r["quantize"], "visual_tokens": r.get("visual_tokens") or "all", "layers": r["layers"],
-            "accuracy": round(points[i][0], 4),
-            **{k.removeprefix("accuracy/"): round(v, 4) for k, v in r["accuracy"].items()
-               if k.startswith("accuracy/")},
-            "req_per_s": round(t["request_throughput"], 3), "output_tok_per_s": round(t["output_throughput"], 1),
-            "ttft_p50_ms": round(t["median_ttft_ms"], 1), "tpot_p50_ms": round(t["median_tpot_ms"], 2),
-            "pareto": i in front,
-        })
-    write_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=str) + "\n")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(out_dir / "results.csv", buffer.getvalue())
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    write_atomic(out_dir / "results.md", "\n".join(lines) + "\n")
-    write_atomic(out_dir / "accuracy_vs_throughput.png",
-                 plot_accuracy_vs_throughput([r["arm"] for r in rows], [r["quantize"] for r in rows], points, front))
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "**yes**" if value else ""
-    return str(value)

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +223,10 @@ class _SampleRecorder:
 
 
 @contextlib.contextmanager
-def _hooks(model, adapter: ArchitectureAdapter, recorder: _SampleRecorder) -> Iterator[None]:
+def layer_hooks(model, adapter: ArchitectureAdapter, recorder) -> Iterator[None]:
+    """While inside, every forward pass calls `recorder.on_layer_input(layer, hidden)`, `recorder.on_attention(layer,
+    query, key, scaling)` (post-RoPE, before the model's own attention kernel) and `recorder.on_layer_output(layer,
+    hidden)` for each decoder layer; the model computes exactly what it computes without them."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     layers = adapter.decoder_layers(model)
@@ -305,8 +309,8 @@ def run_calibration(
     recorder = _SampleRecorder(acc, top_p)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    with _hooks(model, adapter, recorder), tqdm(total=len(samples), desc="calibrating", unit="sample",
-                                                  disable=None) as bar:
+    with layer_hooks(model, adapter, recorder), tqdm(total=len(samples), desc="calibrating", unit="sample",
+                                                       disable=None) as bar:
         for first in range(0, len(samples), batch_size):
             batch = samples[first:first + batch_size]
             inputs = [calibration_inputs(processor, sample) for sample in batch]
@@ -324,3 +328,41 @@ def run_calibration(
     log.info("calibrated on %d samples in %.1f s (%.2f samples/s, batches of %d)", len(samples), elapsed,
              len(samples) / elapsed, batch_size)
     return acc.result(len(samples))
+
+
+STATISTICS_FILE = "statistics.pt"
+
+
+def statistics_key(fingerprint: dict, calibration: dict, candidates: Sequence[int], top_p: float, dtype: str,
+                   device: str) -> str:
+    """What one calibration pass's statistics depend on: the source (its fingerprint), the calibration draw, the
+    candidate layers, TIS's top-p and the numerics it ran in. Localizer, ratio and compensation are not among them:
+    one pass gives every localizer's scores and every layer's SCP features."""
+    import hashlib
+    import json
+
+    parts = {"source": fingerprint, "calibration": calibration, "candidates": sorted(candidates), "top_p": top_p,
+             "dtype": dtype, "device": device}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_statistics(cache_dir: Path, key: str) -> LayerStatistics | None:
+    """The statistics cached under `key`, or None."""
+    path = cache_dir / key / STATISTICS_FILE
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    log.info("calibration statistics read from the cache (%s)", path)
+    return LayerStatistics(num_layers=saved["num_layers"], num_samples=saved["num_samples"],
+                           cosine={name: {int(k): v for k, v in s.items()} for name, s in saved["cosine"].items()},
+                           angular=saved["angular"], features=saved["features"])
+
+
+def save_statistics(cache_dir: Path, key: str, stats: LayerStatistics) -> None:
+    """Cache the statistics under `key`, written to a temporary name and renamed (a killed run leaves no half file)."""
+    path = cache_dir / key / STATISTICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"num_layers": stats.num_layers, "num_samples": stats.num_samples, "cosine": stats.cosine,
+                "angular": stats.angular, "features": stats.features.contiguous()}, partial)
+    partial.replace(path)

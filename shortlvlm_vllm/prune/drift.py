@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 class Drift:
     kl: float  # mean KL(full || pruned) per text position, nats
     hidden_distance: float  # mean ||h_full - h_pruned|| / ||h_full|| of the last hidden state
+    # the same per held-out sample (mean over its text positions): what a paired comparison of two variants resamples
+    kl_per_sample: tuple[float, ...] = field(default=(), compare=False, repr=False)
+    distance_per_sample: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     def as_dict(self) -> dict[str, float]:
         return {"kl": round(self.kl, 6), "hidden_distance": round(self.hidden_distance, 6)}
@@ -78,7 +81,8 @@ def drift(model, reference: Reference) -> Drift:
         log_probs, hidden = _forward(model, inputs, positions.to(device))
         kls.append(F.kl_div(log_probs, ref_lp, log_target=True, reduction="none").sum(-1))
         distances.append((hidden - ref_h).norm(dim=-1) / ref_h.norm(dim=-1).clamp(min=1e-12))
-    return Drift(float(torch.cat(kls).mean()), float(torch.cat(distances).mean()))
+    return Drift(float(torch.cat(kls).mean()), float(torch.cat(distances).mean()),
+                 tuple(float(k.mean()) for k in kls), tuple(float(d.mean()) for d in distances))
 
 
 @contextlib.contextmanager
@@ -136,3 +140,68 @@ def measure_drift(
         log.info("held-out drift of %s: KL %.5f, hidden distance %.4f (%d samples)",
                  name, result[name].kl, result[name].hidden_distance, len(heldout))
     return result
+
+
+@dataclass
+class FeatureGap:
+    """One bridged gap on the same samples: the pooled output of pruned layer `gap_from` in the full model (what the
+    kept layer stands in for) and that of kept layer `kept` in the pruned model, without and with compensation."""
+
+    kept: int
+    gap_from: int
+    target: torch.Tensor  # [N, D] X^gap_from, full model
+    before: torch.Tensor  # [N, D] X^kept, pruned model without compensation
+    after: torch.Tensor  # [N, D] X^kept, pruned model with it
+
+    def distances(self) -> dict[str, float]:
+        """Mean ||X^kept - X^gap_from|| over the samples before and after, and both relative to mean ||X^gap_from||."""
+        scale = float(self.target.norm(dim=-1).mean())
+        before = float((self.before - self.target).norm(dim=-1).mean())
+        after = float((self.after - self.target).norm(dim=-1).mean())
+        return {"before": round(before, 6), "after": round(after, 6), "relative_before": round(before / scale, 6),
+                "relative_after": round(after / scale, 6)}
+
+
+@torch.no_grad()
+def feature_gaps(
+    model,
+    processor,
+    adapter: ArchitectureAdapter,
+    samples: Sequence[CalibrationSample],
+    pruned: Sequence[int],
+    bridges: Sequence[tuple[int, int]],
+    replaced: Mapping[str, torch.Tensor],
+) -> list[FeatureGap]:
+    """The paper's Fig. 6 measured: for each (kept, gap_from) bridge, pooled layer outputs (mean over the pool tokens
+    V u T of each sample, as SCP's features) of the full model at `gap_from` and of the pruned model at `kept`."""
+    image_token_id = getattr(model.config, adapter.image_token_config_key)
+    device = next(model.parameters()).device
+    encoded = []
+    for sample in samples:
+        inputs = calibration_inputs(processor, sample).to(device)
+        encoded.append((inputs, TokenLayout.from_input_ids(inputs["input_ids"], image_token_id).pool.to(device)))
+    layers = adapter.decoder_layers(model)  # the module objects: hooks on them fire inside the pruned view too
+
+    def pooled(wanted: set[int]) -> dict[int, torch.Tensor]:
+        rows: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+        pool: list[torch.Tensor] = []
+        handles = [layers[i].register_forward_hook(
+            lambda mod, args, out, i=i: rows[i].append(
+                (out[0] if isinstance(out, tuple) else out)[0, pool[0]].float().mean(0).cpu()))
+            for i in wanted]
+        try:
+            for inputs, positions in encoded:
+                pool[:] = [positions]
+                model(**inputs, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {i: torch.stack(r) for i, r in rows.items()}
+
+    kept = {r for r, _ in bridges}
+    target = pooled({p for _, p in bridges})
+    with pruned_view(model, adapter, pruned):
+        before = pooled(kept)
+    with pruned_view(model, adapter, pruned, replaced):
+        after = pooled(kept)
+    return [FeatureGap(r, p, target[p], before[r], after[r]) for r, p in bridges]

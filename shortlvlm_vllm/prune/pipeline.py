@@ -15,7 +15,7 @@ from shortlvlm_vllm.checkpoint.reader import SourceCheckpoint, open_checkpoint
 from shortlvlm_vllm.checkpoint.surgery import layer_renumbering, write_pruned_checkpoint
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.prune.compensate import CheckpointEdits, Compensation, compensator
-from shortlvlm_vllm.prune.drift import Drift, measure_drift
+from shortlvlm_vllm.prune.drift import Drift, FeatureGap, feature_gaps, measure_drift
 from shortlvlm_vllm.prune.localize import LOCALIZERS, LayerStatistics, layers_to_prune, localize
 from shortlvlm_vllm.prune.recipe import RECIPE_NAME, PruneRecipe, check_recipe
 from shortlvlm_vllm.quantize.dequantize import dequantized_copy
@@ -25,6 +25,8 @@ from shortlvlm_vllm.serving.vllm_plugin import budget_architecture, side_path
 log = logging.getLogger(__name__)
 
 SCORES_PLOT = "short_lvlm_scores.png"
+FEATURE_GAP_PLOT = "short_lvlm_feature_gap.png"
+FEATURE_GAP_SAMPLES = 64  # at most this many samples for the figure (three forward passes each)
 
 
 @dataclass
@@ -37,15 +39,19 @@ class PrunePlan:
     statistics: LayerStatistics | None = None
     compensation: Compensation | None = None
     drift: dict[str, Drift] = field(default_factory=dict)  # "none" / "scp" -> drift on held-out samples
+    feature_gaps: list[FeatureGap] = field(default_factory=list)  # per bridged gap, on `gap_samples`
+    gap_samples: str = ""  # which samples the feature gaps were measured on
 
 
 def prune(recipe: PruneRecipe, output: str | Path, *, device: str = "auto", dtype: str = "auto",
-          overwrite: bool = False) -> Path:
-    """The one verb: open the recipe's model, plan, and write the checkpoint (with its resolved recipe)."""
+          overwrite: bool = False, statistics_cache: Path | None = None) -> Path:
+    """The one verb: open the recipe's model, plan, and write the checkpoint (with its resolved recipe).
+    `statistics_cache`: a directory where calibration passes are cached (see `plan_pruning`)."""
     if recipe.model is None:
         raise ShortLVLMError("the recipe names no model: give MODEL or a `model:` entry.")
     src = open_checkpoint(recipe.model, recipe.revision)
-    return write_plan(src, output, recipe, plan_pruning(src, recipe, device, dtype), overwrite=overwrite)
+    return write_plan(src, output, recipe, plan_pruning(src, recipe, device, dtype, statistics_cache),
+                      overwrite=overwrite)
 
 
 def calibration_devices(device: str) -> list[str]:
@@ -100,10 +106,15 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
 
 
 def plan_pruning(
-    src: SourceCheckpoint, recipe: PruneRecipe, device: str = "auto", dtype: str = "auto"
+    src: SourceCheckpoint, recipe: PruneRecipe, device: str = "auto", dtype: str = "auto",
+    statistics_cache: Path | None = None,
 ) -> PrunePlan:
-    """Decide which layers go; runs the calibration pass when localization or compensation needs it."""
-    from shortlvlm_vllm.prune.calibrate import run_calibration
+    """Decide which layers go; runs the calibration pass when localization or compensation needs it.
+
+    With `statistics_cache` (a directory), the pass's statistics are read from it when a pass with the same source,
+    calibration draw, candidates, top-p and numerics ran before, and written to it otherwise.
+    """
+    from shortlvlm_vllm.prune.calibrate import load_statistics, run_calibration, save_statistics, statistics_key
 
     if side_path.side_path_spec(src.config.get("short_lvlm")):
         raise ShortLVLMError(f"{src.name} already carries unfused SCP side paths and cannot be pruned again: prune "
@@ -125,7 +136,13 @@ def plan_pruning(
     # A quantized source is calibrated on its dequantized weights: the function the quantized model computes.
     with dequantized_copy(src) if src.quantization else contextlib.nullcontext(src) as calibrated:
         model, processor = load_model(calibrated.path, device, dtype)
-        stats = run_calibration(model, processor, src.adapter, samples, candidates, recipe.top_p, cal.batch_size)
+        drawn_settings = {name: value for name, value in asdict(cal).items() if name != "batch_size"}  # same stats
+        key = statistics_key(src.fingerprint, drawn_settings, candidates, recipe.top_p, dtype, device)
+        stats = load_statistics(statistics_cache, key) if statistics_cache else None
+        if stats is None:
+            stats = run_calibration(model, processor, src.adapter, samples, candidates, recipe.top_p, cal.batch_size)
+            if statistics_cache:
+                save_statistics(statistics_cache, key, stats)
         scores = {name: loc.scores(stats, candidates) for name, loc in LOCALIZERS.items()}
         scores = {name: s for name, s in scores.items() if s}
         if recipe.drop_layers is not None:
@@ -139,6 +156,12 @@ def plan_pruning(
             variants = {"none": None} | ({recipe.compensation.method: plan.compensation.replaced}
                                          if plan.compensation else {})
             plan.drift = measure_drift(model, processor, src.adapter, heldout, pruned, variants)
+        if plan.compensation is not None and plan.compensation.bridges:
+            shown = (heldout or samples)[:FEATURE_GAP_SAMPLES]
+            plan.gap_samples = f"{len(shown)} {'held-out' if heldout else 'calibration'} samples"
+            plan.feature_gaps = feature_gaps(model, processor, src.adapter, shown, pruned,
+                                             [(b.kept, b.gap_from) for b in plan.compensation.bridges],
+                                             plan.compensation.replaced)
     return plan
 
 
@@ -177,6 +200,15 @@ def write_plan(
 
         extra_files[SCORES_PLOT] = plot_layer_scores(plan.scores, plan.pruned, src.num_layers, str(src.name))
         record["figures"] = {"Layer scores": SCORES_PLOT}
+    if plan.feature_gaps:
+        from shortlvlm_vllm.plots import plot_feature_gap
+
+        panels = [(f"pruned layer {g.gap_from} -> kept layer {g.kept}: mean distance {d['before']:.3g} -> "
+                   f"{d['after']:.3g}", g.target, g.before, g.after)
+                  for g in plan.feature_gaps if (d := g.distances())]
+        extra_files[FEATURE_GAP_PLOT] = plot_feature_gap(
+            panels, f"{src.name}: features of each pruned layer and its kept partner ({plan.gap_samples})")
+        record.setdefault("figures", {})["Feature gap (the paper's Fig. 6)"] = FEATURE_GAP_PLOT
     return write_pruned_checkpoint(
         src, output, plan.pruned, record, replaced=edits.replaced, added=edits.added, extra_files=extra_files,
         architectures=edits.architectures, overwrite=overwrite,
@@ -202,6 +234,12 @@ def _record(src: SourceCheckpoint, recipe: PruneRecipe, plan: PrunePlan) -> dict
         record["calibration"] = asdict(recipe.calibration) | {"num_samples_used": plan.statistics.num_samples}
     if plan.drift:
         record["heldout_drift"] = {name: d.as_dict() for name, d in plan.drift.items()}
+    if plan.feature_gaps:
+        gaps = [{"kept": g.kept, "pruned": g.gap_from, **g.distances()} for g in plan.feature_gaps]
+        record["feature_gap"] = {
+            "samples": plan.gap_samples, "bridges": gaps,
+            **{f"mean_{key}": round(sum(g[key] for g in gaps) / len(gaps), 6)
+               for key in ("before", "after", "relative_before", "relative_after")}}
     record["scores"] = {name: {str(k): round(v, 6) for k, v in s.items()} for name, s in plan.scores.items()}
     return record
 

@@ -27,6 +27,7 @@ class Benchmark(ABC):
     name: str
     hub_id: str
     max_tokens: int = 16  # enough for a short answer; the parser reads the choice out of it
+    breakdown: str | None = None  # the item meta key the scores are broken down by ("family", "category", ...)
 
     @abstractmethod
     def load(self, source: str | None = None, limit: int | None = None, seed: int = 0) -> list[Item]:
@@ -42,3 +43,10 @@ class Benchmark(ABC):
     @abstractmethod
     def score(self, items: Sequence[Item], parsed: Mapping[str, str]) -> dict[str, float]:
         """The official metric from each item's parsed choice (by item id); missing ids count as wrong."""
+
+    def units(self, items: Sequence[Item], parsed: Mapping[str, str]) -> list[tuple[str, str, bool]]:
+        """What the headline accuracy averages, as (unit id, group, right), in item order: one unit per item by
+        default, its group the item's `breakdown` value ("" without one). Intervals and paired tests between arms
+        are computed over these units."""
+        return [(item.id, str(item.meta.get(self.breakdown, "")) if self.breakdown else "",
+                 self.correct(item, parsed.get(item.id, ""))) for item in items]

@@ -56,8 +56,6 @@ def choice_item(item_id: str, image: Any, prompt: str, options: dict[str, str], 
 class ChoiceBenchmark(HubBenchmark):
     """Items from each kept row (one, or MMBench's rotations); accuracy overall and per `breakdown` meta value."""
 
-    breakdown: str | None = None
-
     def load(self, source: str | None = None, limit: int | None = None, seed: int = 0) -> list[Item]:
         table = self.open(source)
         kept = self.keep(table)
@@ -90,7 +88,8 @@ class ScienceQA(ChoiceBenchmark):
     (sqa_doc_to_text, default format): "Context: {hint}\\n" when there is a hint, the question, the options."""
 
     name = "scienceqa"
-    hub_id = "lmms-lab/ScienceQA"
+    hub_id = "lmms-lab-encoder/ScienceQA"
+    legacy_hub_ids = ("lmms-lab/ScienceQA",)
     config = "ScienceQA-IMG"
     split = "test"
     columns = ("image", "question", "choices", "answer", "hint")
@@ -119,7 +118,8 @@ class SEEDBench(ChoiceBenchmark):
     """
 
     name = "seedbench"
-    hub_id = "lmms-lab/SEED-Bench"
+    hub_id = "lmms-lab-encoder/SEED-Bench"
+    legacy_hub_ids = ("lmms-lab/SEED-Bench",)
     split = "test"
     columns = ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type",
                "image", "question_type_id")
@@ -132,7 +132,8 @@ class SEEDBench(ChoiceBenchmark):
         options = lettered([row[f"choice_{letter}"] for letter in "abcd"])
         prompt = choice_prompt(row["question"], options)
         images = row["image"] or [None]
-        type_id = row["question_type_id"]
+        type_id = row["question_type_id"]  # an integer on the hub; some copies store it as a string ("5")
+        type_id = int(type_id) if str(type_id).strip().isdigit() else type_id
         return [choice_item(str(row["question_id"]), images[0], prompt, options, str(row["answer"]).strip(),
                             question_type=SEED_QUESTION_TYPES.get(type_id, str(type_id)))]
 

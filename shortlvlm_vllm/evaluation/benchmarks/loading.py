@@ -33,31 +33,46 @@ class HubBenchmark(Benchmark):
     config: str | None = None  # the hub config ("en" for MMBench); None for a dataset with a single one
     split: str
     columns: tuple[str, ...]  # the columns the benchmark reads; a source without one of them is refused
+    # ids the table lived under before: tried, with a warning, when `hub_id` cannot be loaded (lmms-eval moved its
+    # image benchmarks from lmms-lab/* to lmms-lab-encoder/* in its PR #1416; the old ids redirect for now)
+    legacy_hub_ids: tuple[str, ...] = ()
 
     def open(self, source: str | None = None) -> datasets.Dataset:
         """The benchmark's table from `source` (default: the hub), its columns checked."""
         return open_table(
             source, benchmark=self.name, hub_id=self.hub_id, config=self.config, split=self.split,
-            columns=self.columns,
+            columns=self.columns, legacy_hub_ids=self.legacy_hub_ids,
         )
 
 
 def open_table(
-    source: str | None, *, benchmark: str, hub_id: str, config: str | None, split: str, columns: Sequence[str]
+    source: str | None, *, benchmark: str, hub_id: str, config: str | None, split: str, columns: Sequence[str],
+    legacy_hub_ids: Sequence[str] = (),
 ) -> datasets.Dataset:
-    """One split of a benchmark from the hub (`source` None) or a local path, refused when it lacks a column."""
+    """One split of a benchmark from the hub (`source` None: `hub_id`, then the legacy ids) or a local path, refused
+    when it lacks a column."""
     import datasets
 
     if source is None:
         where = f"{hub_id}" + (f" (config {config})" if config else "") + f" split {split}"
-        try:
-            table = datasets.load_dataset(hub_id, config, split=split)
-        except Exception as exc:  # network, auth and hub errors come in many types; all mean the same to the user
+        failure: Exception | None = None
+        for name in (hub_id, *legacy_hub_ids):
+            try:
+                table = datasets.load_dataset(name, config, split=split)
+            except Exception as exc:  # network, auth and hub errors come in many types; all mean the same here
+                failure = failure or exc
+                continue
+            if name != hub_id:
+                log.warning("%s: loaded from its old id %s, which lmms-eval no longer relies on; %s failed: %s",
+                            benchmark, name, hub_id, failure)
+                where = where.replace(hub_id, name, 1)
+            break
+        else:
             raise ShortLVLMError(
-                f"cannot load {benchmark} from the hub ({where}): {type(exc).__name__}: {exc}. Without network "
-                f"access, pass a local copy with --data PATH (a save_to_disk directory or parquet/JSON files with "
-                f"the columns of {hub_id})."
-            ) from exc
+                f"cannot load {benchmark} from the hub ({where}): {type(failure).__name__}: {failure}. Without "
+                f"network access, pass a local copy with --data PATH (a save_to_disk directory or parquet/JSON files "
+                f"with the columns of {hub_id})."
+            ) from failure
     else:
         where = str(source)
         table = _load_local(Path(source), benchmark, split)

@@ -1,11 +1,17 @@
 """MMBench (English dev) with its circular evaluation: a question counts only if every rotation of its options is
-answered right, which takes the luck out of guessing a letter."""
+answered right, which takes the luck out of guessing a letter.
+
+lmms-eval's MMBench table (as VLMEvalKit's) stores the circular copies of question i as rows with index i + k * 1e6,
+options rotated and answer moved; lmms-eval's scorer groups rows by index % 1e6. Where a question's stored copies are
+present they are what is asked (the table's own rotations); a question stored without copies gets its rotations
+built here, in the same order (in rotation k, letter i shows option i + k).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks.base import Item
@@ -16,18 +22,14 @@ from shortlvlm_vllm.evaluation.benchmarks.choice import (
     choice_item,
     option_lines,
 )
-from shortlvlm_vllm.evaluation.benchmarks.loading import missing_text, text_columns, to_image
+from shortlvlm_vllm.evaluation.benchmarks.loading import draw, missing_text, text_columns, to_image
 from shortlvlm_vllm.evaluation.benchmarks.metrics import hits, mean
-
-if TYPE_CHECKING:
-    import datasets
 
 log = logging.getLogger(__name__)
 
 OPTION_COLUMNS = ("A", "B", "C", "D")
 L2_COLUMNS = ("L2-category", "l2-category")  # lmms-eval reads "L2-category"; some copies spell it in lower case
-# VLMEvalKit's legacy MMBench tables (and so lmms-lab/MMBench) hold the circular copies of question i as rows with
-# index i + k * 1e6; this module makes its own rotations from the main rows instead.
+# The stored circular copies of question i: rows with index i + k * 1e6 (k = 1, 2, ...).
 CIRCULAR_OFFSET = 1_000_000
 # lmms-eval tasks/mmbench/mmbench.yaml metadata.sys_prompt, put before the options by create_options_prompt.
 OPTIONS_HEADER = "There are several options:"
@@ -42,41 +44,63 @@ class MMBench(ChoiceBenchmark):
     """
 
     name = "mmbench"
-    hub_id = "lmms-lab/MMBench"
+    hub_id = "lmms-lab-encoder/MMBench"
+    legacy_hub_ids = ("lmms-lab/MMBench",)
     config = "en"
     split = "dev"
     columns = ("index", "question", "hint", "A", "B", "answer", "category", "image")
+    breakdown = "category"
 
-    def keep(self, table: datasets.Dataset) -> list[int]:
-        """The main questions: rows below CIRCULAR_OFFSET."""
-        indices = [row["index"] for row in text_columns(table, ["index"])]
-        main = [position for position, index in enumerate(indices) if int(index) < CIRCULAR_OFFSET]
-        if len(main) < len(indices):
-            log.info("MMBench: skipping %d stored circular copies; rotations are made from the %d questions",
-                     len(indices) - len(main), len(main))
-        return main
+    def load(self, source: str | None = None, limit: int | None = None, seed: int = 0) -> list[Item]:
+        """The main questions (index below CIRCULAR_OFFSET), each with its stored circular copies where the table
+        holds them, else with rotations built here; `limit` draws main questions."""
+        table = self.open(source)
+        indices = [int(row["index"]) for row in text_columns(table, ["index"])]
+        main = [position for position, index in enumerate(indices) if index < CIRCULAR_OFFSET]
+        copies: dict[int, list[tuple[int, int]]] = {}  # main index -> (k, position) of each stored copy
+        for position, index in enumerate(indices):
+            if index >= CIRCULAR_OFFSET:
+                copies.setdefault(index % CIRCULAR_OFFSET, []).append((index // CIRCULAR_OFFSET, position))
+        chosen = [main[i] for i in draw(len(main), limit, seed)]
+        stored = sum(1 for position in chosen if indices[position] in copies)
+        log.info("MMBench: %d questions, %d with their stored circular copies, %d rotated here", len(chosen), stored,
+                 len(chosen) - stored)
+        items = []
+        for position, row in zip(chosen, table.select(chosen), strict=True):
+            index = indices[position]
+            if index in copies:
+                rotations = sorted(copies[index])
+                rows = [(0, row), *zip([k for k, _ in rotations], table.select([p for _, p in rotations]),
+                                       strict=True)]
+                items += self.stored_items(index, rows)
+            else:
+                items += self.items(position, row)
+        return items
 
     def items(self, position: int, row: Mapping[str, Any]) -> list[Item]:
         """The question once per rotation of its options: in rotation k, letter i shows option i + k."""
-        texts = [row[column] for column in OPTION_COLUMNS if column in row and not missing_text(row[column])]
+        texts = _options(row)
         index = int(row["index"])
-        answer = str(row["answer"]).strip()
-        if answer not in LETTERS[:len(texts)]:
-            raise ShortLVLMError(f"MMBench question {index} has answer {answer!r} but options "
-                                 f"{', '.join(LETTERS[:len(texts)])}; check that the data is in the hub schema.")
-        gold = LETTERS.index(answer)
+        gold = LETTERS.index(_answer(row, len(texts)))
+        image = to_image(row["image"], f"MMBench question {index}")  # once: the rotations share it
+        return [self._item(row, index, k, image, {LETTERS[i]: texts[(i + k) % len(texts)] for i in range(len(texts))},
+                           LETTERS[(gold - k) % len(texts)]) for k in range(len(texts))]
+
+    def stored_items(self, index: int, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[Item]:
+        """The question as the table stores it: rotation k is the row with index `index` + k * 1e6 (k = 0: itself)."""
+        image = to_image(rows[0][1]["image"], f"MMBench question {index}")  # the copies hold the same image
+        items = []
+        for k, row in rows:
+            texts = _options(row)
+            items.append(self._item(row, index, k, image, dict(zip(LETTERS, texts, strict=False)),
+                                    _answer(row, len(texts))))
+        return items
+
+    def _item(self, row: Mapping[str, Any], index: int, k: int, image, options: dict[str, str], answer: str) -> Item:
         hint = None if missing_text(row["hint"]) else row["hint"]
         l2_category = next((row[column] for column in L2_COLUMNS if column in row), "")
-        image = to_image(row["image"], f"MMBench question {index}")  # once: the rotations share it
-        items = []
-        for k in range(len(texts)):
-            options = {LETTERS[i]: texts[(i + k) % len(texts)] for i in range(len(texts))}
-            items.append(choice_item(
-                f"{index}@{k}", image, mmbench_prompt(row["question"], hint, options),
-                options, LETTERS[(gold - k) % len(texts)],
-                group=str(index), rotation=k, category=row["category"], l2_category=l2_category,
-            ))
-        return items
+        return choice_item(f"{index}@{k}", image, mmbench_prompt(row["question"], hint, options), options, answer,
+                           group=str(index), rotation=k, category=row["category"], l2_category=l2_category)
 
     def score(self, items: Sequence[Item], parsed: Mapping[str, str]) -> dict[str, float]:
         circular: dict[str, bool] = {}  # by question: every rotation right
@@ -96,6 +120,29 @@ class MMBench(ChoiceBenchmark):
                     by_value.setdefault(meta[group][key], []).append(hit)
             scores.update({f"{prefix}/{value}": mean(values) for value, values in sorted(by_value.items())})
         return scores
+
+
+    def units(self, items: Sequence[Item], parsed: Mapping[str, str]) -> list[tuple[str, str, bool]]:
+        """One unit per question, right when every rotation is: what the circular accuracy averages."""
+        right: dict[str, bool] = {}
+        category: dict[str, str] = {}
+        for item, hit in zip(items, hits(self, items, parsed), strict=True):
+            group = item.meta["group"]
+            right[group] = right.get(group, True) and hit
+            category.setdefault(group, str(item.meta["category"]))
+        return [(group, category[group], hit) for group, hit in right.items()]
+
+
+def _options(row: Mapping[str, Any]) -> list[str]:
+    return [row[column] for column in OPTION_COLUMNS if column in row and not missing_text(row[column])]
+
+
+def _answer(row: Mapping[str, Any], num_options: int) -> str:
+    answer = str(row["answer"]).strip()
+    if answer not in LETTERS[:num_options]:
+        raise ShortLVLMError(f"MMBench question {row['index']} has answer {answer!r} but options "
+                             f"{', '.join(LETTERS[:num_options])}; check that the data is in the hub schema.")
+    return answer
 
 
 def mmbench_prompt(question: str, hint: str | None, options: Mapping[str, str]) -> str:

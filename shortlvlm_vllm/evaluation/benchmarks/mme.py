@@ -27,7 +27,9 @@ class MME(HubBenchmark):
     """
 
     name = "mme"
-    hub_id = "lmms-lab/MME"
+    hub_id = "lmms-lab-encoder/MME"
+    legacy_hub_ids = ("lmms-lab/MME",)
+    breakdown = "category"
     split = "test"
     columns = ("question_id", "image", "question", "answer", "category")
 

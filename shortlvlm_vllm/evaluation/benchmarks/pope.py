@@ -21,7 +21,9 @@ class POPE(HubBenchmark):
     """
 
     name = "pope"
-    hub_id = "lmms-lab/POPE"
+    hub_id = "lmms-lab-encoder/POPE"
+    legacy_hub_ids = ("lmms-lab/POPE",)
+    breakdown = "setting"
     split = "test"
     columns = ("question_id", "question", "answer", "image", "category")
 

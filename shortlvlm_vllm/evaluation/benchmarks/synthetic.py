@@ -40,6 +40,7 @@ class Synthetic(Benchmark):
     name = "synthetic"
     hub_id = "shortlvlm_vllm.data.synthetic"  # no hub copy: generated in memory
     max_tokens = 4  # every answer is one word
+    breakdown = "family"
 
     def __init__(self, test_images: int = SyntheticConfig.test_images) -> None:
         self.test_images = test_images
