@@ -50,6 +50,9 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
     """The unpruned model and processor for calibration, with SDPA attention."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from shortlvlm_vllm.models import register_with_transformers
+
+    register_with_transformers()
     kwargs: dict = {"attn_implementation": "sdpa", "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     if device == "auto":
         if torch.cuda.device_count() > 1:
