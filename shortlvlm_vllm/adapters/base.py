@@ -6,6 +6,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# llm-compressor AWQ mappings of a Llama decoder layer: (smoothing module, modules it balances), by module name
+LLAMA_AWQ_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+    ("v_proj", ("o_proj",)),
+    ("post_attention_layernorm", ("gate_proj", "up_proj")),
+    ("up_proj", ("down_proj",)),
+)
+
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
@@ -24,6 +32,13 @@ class ArchitectureAdapter:
     image_token_config_key: the config.json key holding the image placeholder token id.
     layer_weights: role -> weight name inside a decoder layer (after "layers.N."), for the
         weights that compensation edits.
+    quantization_ignore: llm-compressor `ignore` patterns (transformers' module names) for everything outside
+        the decoder layers' linear weights: the vision side and lm_head stay unquantized.
+    decoder_module_regex: regex that transformers' module names inside a decoder layer start with (AWQ's
+        mappings are kept inside them: vision towers have q/k/v projections too).
+    awq_mappings: AWQ's (smoothing module, balanced modules) pairs inside a decoder layer.
+    side_path_architecture: the registered vLLM class that applies unfused SCP side paths (a quantized source
+        pruned with SCP); None where there is none yet.
     """
 
     model_type: str
@@ -44,6 +59,10 @@ class ArchitectureAdapter:
         ("up_proj", "mlp.up_proj.weight"),
         ("down_proj", "mlp.down_proj.weight"),
     )
+    quantization_ignore: tuple[str, ...] = ()
+    decoder_module_regex: str = r".*language_model\.layers\.\d+\."
+    awq_mappings: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_AWQ_MAPPINGS
+    side_path_architecture: str | None = None
 
     def match_layer_key(self, key: str) -> tuple[str, int, str] | None:
         """(prefix, layer index, rest) if `key` belongs to a decoder layer, else None."""

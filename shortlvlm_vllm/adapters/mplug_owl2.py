@@ -23,4 +23,8 @@ MPLUG_OWL2 = ArchitectureAdapter(
         ("up_proj", "mlp.up_proj.weight"),
         ("down_proj", "mlp.down_proj.weight"),
     ),
+    quantization_ignore=("re:.*lm_head", "re:.*vision_model.*", "re:.*visual_abstractor.*"),
+    decoder_module_regex=r"^model\.layers\.\d+\.",
+    awq_mappings=(("up_proj", ("down_proj",)),),
+    side_path_architecture="MPLUGOwl2LlamaForCausalLM",  # its one class applies them
 )

@@ -24,7 +24,7 @@ import torch
 from shortlvlm_vllm.checkpoint.reader import SourceCheckpoint
 from shortlvlm_vllm.checkpoint.safetensors_io import load_tensor
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, side_path
+from shortlvlm_vllm.serving.vllm_plugin import side_path
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Compensation:
                  for layer, basis in self.bases.items()}
         spec = {"layers": sorted(renumber[r] for r in self.bases), "rank": self.rank,
                 "dtype": str(side_path.BASIS_DTYPE).removeprefix("torch.")}
-        return CheckpointEdits(added=added, architectures=[SHORT_LLAVA_ARCHITECTURE],
+        return CheckpointEdits(added=added, architectures=[src.adapter.side_path_architecture],
                                record={side_path.CONFIG_KEY: spec})
 
 
@@ -132,6 +132,11 @@ class SubspaceCompensation(Compensator):
             raise ShortLVLMError(
                 f"SCP on a quantized source is kept unfused at the down-projection output, which is --scp-target "
                 f"{SIDE_PATH_SCP_TARGET}, not {target!r}; drop --scp-target or prune the full-precision model."
+            )
+        if src.quantization and src.adapter.side_path_architecture is None:
+            raise ShortLVLMError(
+                f"SCP on a quantized source is kept as side paths, which no registered vLLM class applies for "
+                f"model type {src.adapter.model_type!r} yet; pass --compensate none or prune the full-precision model."
             )
         if drawn and rank > num_samples:
             raise ShortLVLMError(f"--rank {rank} is larger than the {num_samples} calibration samples available; "

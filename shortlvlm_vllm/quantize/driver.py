@@ -1,4 +1,5 @@
-"""Weight-only quantization (W4A16, compressed-tensors) of a LLaVA checkpoint, pruned or not.
+"""Weight-only quantization (W4A16, compressed-tensors) of a vision-language checkpoint, pruned or not: every linear
+weight of the decoder layers, nothing of the vision side (the architecture's adapter says which modules those are).
 
 llm-compressor cannot be installed beside vLLM (their compressed-tensors and transformers pins
 exclude each other), so the quantization pass runs in a second environment, `.venv-quant`, made by
@@ -77,9 +78,9 @@ def check_quantize_recipe(recipe: QuantizeRecipe) -> None:
 
 
 def quantized_weight_keys(src: SourceCheckpoint) -> list[str]:
-    """The decoder layers' linear weights: what gets quantized (vision tower, projector, lm_head stay)."""
-    roles = {"." + name for _, name in src.adapter.layer_weights}
-    return [t.name for t in src.tensors() if (m := src.adapter.match_layer_key(t.name)) and m[2] in roles]
+    """The decoder layers' linear (2-D) weights: what gets quantized (vision side, lm_head and norms stay)."""
+    return [t.name for t in src.tensors()
+            if src.adapter.match_layer_key(t.name) and t.name.endswith(".weight") and len(t.shape) == 2]
 
 
 def check_quantizable(src: SourceCheckpoint, group_size: int) -> None:
