@@ -31,7 +31,8 @@ TOP = 5
 
 @pytest.fixture(
     scope="module",
-    params=["pruned_llava", "scp_pruned_llava", "scp_pruned_qwen2_vl", "scp_pruned_qwen2_5_vl", "scp_pruned_mplug_owl2"],
+    params=["pruned_llava", "scp_pruned_llava", "scp_pruned_qwen2_vl", "scp_pruned_qwen2_5_vl",
+            "scp_pruned_mplug_owl2"],
     ids=["llava-explicit", "llava-tis-scp", "qwen2-vl-tis-scp", "qwen2.5-vl-tis-scp", "mplug-owl2-tis-scp"],
 )
 def served_checkpoint(request):

@@ -39,6 +39,8 @@ class ArchitectureAdapter:
     awq_mappings: AWQ's (smoothing module, balanced modules) pairs inside a decoder layer.
     side_path_architecture: the registered vLLM class that applies unfused SCP side paths (a quantized source
         pruned with SCP); None where there is none yet.
+    saved_buffers: name endings of tensors the original code saves but a loaded model recomputes (fixed
+        position tables): copied from the source where a pass rewrites the weights, skipped by loaders.
     """
 
     model_type: str
@@ -63,6 +65,7 @@ class ArchitectureAdapter:
     decoder_module_regex: str = r".*language_model\.layers\.\d+\."
     awq_mappings: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_AWQ_MAPPINGS
     side_path_architecture: str | None = None
+    saved_buffers: tuple[str, ...] = ()
 
     def match_layer_key(self, key: str) -> tuple[str, int, str] | None:
         """(prefix, layer index, rest) if `key` belongs to a decoder layer, else None."""

@@ -27,4 +27,6 @@ MPLUG_OWL2 = ArchitectureAdapter(
     decoder_module_regex=r"^model\.layers\.\d+\.",
     awq_mappings=(("up_proj", ("down_proj",)),),
     side_path_architecture="MPLUGOwl2LlamaForCausalLM",  # its one class applies them
+    # transformers 4.31 (the original's pin) saved each layer's rotary frequencies; the abstractor's sin-cos tables
+    saved_buffers=(".rotary_emb.inv_freq", ".q_pos_embed", ".k_pos_embed"),
 )

@@ -230,6 +230,12 @@ def _write_output(src: SourceCheckpoint, raw: Path, dst: Path, record: dict, ove
     renames = _source_names(src, [t for header in headers for t in header.tensors.values()])
     shards = [Shard([OutputTensor(renames[t.name], copy_from=t) for t in header.tensors.values()], header.metadata)
               for header in headers]
+    # tensors the model recomputes and so did not save (the adapter's saved_buffers) come from the source
+    written_names = set(renames.values())
+    buffers = [OutputTensor(t.name, copy_from=t) for t in src.tensors()
+               if t.name.endswith(src.adapter.saved_buffers) and t.name not in written_names]
+    if buffers:
+        shards[-1] = Shard([*shards[-1].tensors, *buffers], shards[-1].metadata)
 
     source = {t.name: t for t in src.tensors()}
     quantization["ignore"] = [_module_name(src, source, name) for name in quantization.get("ignore", [])]
@@ -267,7 +273,7 @@ def _source_names(src: SourceCheckpoint, written: list[TensorInfo]) -> dict[str,
                 )
             renames[info.name] = weight
         covered.add(weight)
-    missing = sorted(set(source) - covered)
+    missing = sorted(name for name in set(source) - covered if not name.endswith(src.adapter.saved_buffers))
     if missing:
         raise ShortLVLMError(f"llm-compressor's output lacks {len(missing)} source tensors, e.g. {missing[0]}.")
     return renames

@@ -44,6 +44,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
+from shortlvlm_vllm.adapters.mplug_owl2 import MPLUG_OWL2
 from shortlvlm_vllm.models.mplug_owl2 import (
     IMAGE_TAG,
     TEXT,
@@ -58,8 +59,6 @@ from shortlvlm_vllm.serving.vllm_plugin.side_path import attach_side_paths, chec
 
 # The decoder's stacked parameters: (vLLM parameter, checkpoint name, shard)
 STACKED = (("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
-# Buffers the original saves, computed here instead
-COMPUTED_BUFFERS = ("rotary_emb.inv_freq", "q_pos_embed", "k_pos_embed")
 
 
 class MPLUGOwl2ProcessingInfo(BaseProcessingInfo):
@@ -269,7 +268,7 @@ class MPLUGOwl2LlamaForCausalLM(nn.Module, SupportsMultiModal):
         params.update(dict(self.named_buffers()))
         loaded: set[str] = set()
         for name, tensor in weights:
-            if name.endswith(COMPUTED_BUFFERS):
+            if name.endswith(MPLUG_OWL2.saved_buffers):  # computed here
                 continue
             for target, source, shard in STACKED:
                 if f".{source}." in name:
