@@ -25,6 +25,9 @@ def ask_transformers(model_dir: str | Path, items: Sequence[Item], max_tokens: i
     """Greedy replies from the checkpoint loaded with stock transformers, one item at a time."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from shortlvlm_vllm.models import register_with_transformers
+
+    register_with_transformers()
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto").eval()  # as vLLM's default
     replies = []
