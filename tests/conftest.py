@@ -13,14 +13,17 @@ from shortlvlm_vllm.checkpoint.reader import open_checkpoint
 from shortlvlm_vllm.checkpoint.surgery import write_pruned_checkpoint
 from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.data.calibration import CalibrationSource
+from shortlvlm_vllm.models import register_with_transformers
 from shortlvlm_vllm.prune.compensate import CompensationSettings
 from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
 from shortlvlm_vllm.prune.recipe import PruneRecipe
 from shortlvlm_vllm.tiny_models import build_tiny_llava
+from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
+register_with_transformers()  # the Auto classes the tests call load mPLUG-Owl2 as prune and the reference do
 DROPPED = [3, 5]
-ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl", "mplug_owl2")
 # Qwen resizes images to multiples of 28 pixels: these two sizes give 9 and 35 image tokens.
 IMAGE_SIZES = ((96, 80), (200, 150))
 
@@ -38,6 +41,11 @@ def tiny_qwen2_vl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_mplug_owl2(tmp_path_factory) -> Path:
+    return build_tiny_mplug_owl2(tmp_path_factory.mktemp("models") / "tiny-mplug-owl2")
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)
@@ -92,6 +100,11 @@ def scp_pruned_qwen2_vl(tiny_qwen2_vl, llava_calib, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def scp_pruned_qwen2_5_vl(tiny_qwen2_5_vl, llava_calib, tmp_path_factory) -> Path:
     return _cli_tis_scp(tiny_qwen2_5_vl, llava_calib, tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl-tis-scp")
+
+
+@pytest.fixture(scope="session")
+def scp_pruned_mplug_owl2(tiny_mplug_owl2, llava_calib, tmp_path_factory) -> Path:
+    return _cli_tis_scp(tiny_mplug_owl2, llava_calib, tmp_path_factory.mktemp("models") / "tiny-mplug-owl2-tis-scp")
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)

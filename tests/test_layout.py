@@ -12,7 +12,7 @@ LAYERS = (
     {"__init__", "errors"},
     {"files", "plots", "chat", "adapters"},
     {"checkpoint"},
-    {"data", "tiny_models"},
+    {"data", "tiny_models", "models"},
     {"quantize", "serving"},
     {"prune"},
     {"evaluation", "toy"},

@@ -22,6 +22,8 @@ from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.quantize import driver as quantize
 from shortlvlm_vllm.serving.launcher import VLLMServer, has_cuda
 from shortlvlm_vllm.tiny_models import build_byte_tokenizer, build_tiny_llava, make_llava, save_hub_checkpoint
+from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
+from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 from .conftest import random_image
 
@@ -321,3 +323,34 @@ def test_worker_crash_is_reported_with_its_last_lines(source, tmp_path, capsys, 
            "the quantization pass failed with exit code 3; nothing was written", tmp_path / "out")
     streamed = [r.getMessage() for r in caplog.records if r.name == "shortlvlm_vllm.quantize.worker"]
     assert streamed == ["loading the model", "pass 50%", "pass 100%", "RuntimeError: boom"]
+
+
+ARCHITECTURE_SOURCES = {  # builder, the vision side's key prefixes, the decoder layers' key prefix
+    "qwen2_vl": (lambda out: build_tiny_qwen_vl(out, "qwen2_vl", num_layers=2), ("visual.",), "model.layers."),
+    "mplug_owl2": (lambda out: build_tiny_mplug_owl2(out, num_layers=2),
+                   ("model.vision_model.", "model.visual_abstractor."), "model.layers."),
+}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURE_SOURCES))
+def test_other_architectures_quantize_every_decoder_linear_and_nothing_of_the_vision_side(tmp_path, architecture):
+    """The worker loads each architecture's own class and takes its ignore list from the adapter: every 2-D weight
+    of the decoder layers (mPLUG-Owl2's text and image copies of k/v included) is packed, the vision side, the
+    norms, embeddings and lm_head are copied unchanged, and the ignore list names the vision modules as the
+    source does."""
+    build, vision, decoder = ARCHITECTURE_SOURCES[architecture]
+    source = build(tmp_path / "source")
+    out = tmp_path / "quantized"
+    assert main(["quantize", str(source), "-o", str(out), "--method", "rtn"]) == 0
+    src, written = _tensors(source), _tensors(out)
+    linear = {k.removesuffix(".weight") for k, v in src.items() if k.startswith(decoder) and v.dim() == 2}
+    assert linear and {k.removesuffix(".weight_packed") for k in written if k.endswith(".weight_packed")} == linear
+    if architecture == "mplug_owl2":
+        assert "model.layers.1.self_attn.k_proj.multiway.1" in linear
+    for name, tensor in src.items():
+        if name.removesuffix(".weight") not in linear:
+            assert torch.equal(written[name], tensor), name
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "lm_head" in ignore and any(name.startswith(vision) for name in ignore)
+    assert all(name == "lm_head" or name.startswith(vision) for name in ignore), ignore
+    assert all(f"{name}.weight" in src for name in ignore)  # the source's own module names

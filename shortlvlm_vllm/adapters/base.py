@@ -6,6 +6,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# llm-compressor AWQ mappings of a Llama decoder layer: (smoothing module, modules it balances), by module name
+LLAMA_AWQ_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+    ("v_proj", ("o_proj",)),
+    ("post_attention_layernorm", ("gate_proj", "up_proj")),
+    ("up_proj", ("down_proj",)),
+)
+
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
@@ -26,6 +34,15 @@ class ArchitectureAdapter:
         linear weights that compensation edits (and quantization quantizes).
     layer_norms: role -> weight name of the RMSNorm gains (y = gain * x / rms(x)) that q/k/v and
         gate/up read the residual stream through; SCP's input-side fold moves them into those weights.
+    quantization_ignore: llm-compressor `ignore` patterns (transformers' module names) for everything outside
+        the decoder layers' linear weights: the vision side and lm_head stay unquantized.
+    decoder_module_regex: regex that transformers' module names inside a decoder layer start with (AWQ's
+        mappings are kept inside them: vision towers have q/k/v projections too).
+    awq_mappings: AWQ's (smoothing module, balanced modules) pairs inside a decoder layer.
+    side_path_architecture: the registered vLLM class that applies unfused SCP side paths (a quantized source
+        pruned with SCP); None where there is none yet.
+    saved_buffers: name endings of tensors the original code saves but a loaded model recomputes (fixed
+        position tables): copied from the source where a pass rewrites the weights, skipped by loaders.
     """
 
     model_type: str
@@ -50,6 +67,11 @@ class ArchitectureAdapter:
         ("input_layernorm", "input_layernorm.weight"),
         ("post_attention_layernorm", "post_attention_layernorm.weight"),
     )
+    quantization_ignore: tuple[str, ...] = ()
+    decoder_module_regex: str = r".*language_model\.layers\.\d+\."
+    awq_mappings: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_AWQ_MAPPINGS
+    side_path_architecture: str | None = None
+    saved_buffers: tuple[str, ...] = ()
 
     def match_layer_key(self, key: str) -> tuple[str, int, str] | None:
         """(prefix, layer index, rest) if `key` belongs to a decoder layer, else None."""

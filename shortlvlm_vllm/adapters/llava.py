@@ -16,4 +16,6 @@ LLAVA = ArchitectureAdapter(
         (r"^model\.vision_tower\.", "vision_tower.vision_model."),
         (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
     ),
+    quantization_ignore=("re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"),
+    side_path_architecture="ShortLlavaForConditionalGeneration",
 )

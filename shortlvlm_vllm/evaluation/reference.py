@@ -26,6 +26,9 @@ def load_reference(model_dir: str | Path):
     """The checkpoint in stock transformers, in its own dtype (as vLLM's default), and its processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from shortlvlm_vllm.models import register_with_transformers
+
+    register_with_transformers()
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto").eval()
     return model, processor

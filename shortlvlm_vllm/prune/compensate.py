@@ -24,7 +24,7 @@ import torch
 from shortlvlm_vllm.checkpoint.reader import SourceCheckpoint
 from shortlvlm_vllm.checkpoint.safetensors_io import load_tensor
 from shortlvlm_vllm.errors import ShortLVLMError
-from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE, side_path
+from shortlvlm_vllm.serving.vllm_plugin import side_path
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Compensation:
                  for layer, (basis,) in self.bases.items()}
         spec = {"layers": sorted(renumber[r] for r in self.bases), "rank": self.rank,
                 "dtype": str(side_path.BASIS_DTYPE).removeprefix("torch.")}
-        return CheckpointEdits(added=added, architectures=[SHORT_LLAVA_ARCHITECTURE],
+        return CheckpointEdits(added=added, architectures=[src.adapter.side_path_architecture],
                                record={side_path.CONFIG_KEY: spec})
 
 
@@ -159,6 +159,11 @@ class SubspaceCompensation(Compensator):
         if src.quantization and self.settings.shared != "stack":
             raise ShortLVLMError("SCP on a quantized source is kept as one side path per kept layer, which is "
                                  "--scp-shared stack; drop --scp-shared compose or prune the full-precision model.")
+        if src.quantization and src.adapter.side_path_architecture is None:
+            raise ShortLVLMError(
+                f"SCP on a quantized source is kept as side paths, which no registered vLLM class applies for "
+                f"model type {src.adapter.model_type!r} yet; pass --compensate none or prune the full-precision model."
+            )
         if drawn and rank > num_samples:
             raise ShortLVLMError(f"--rank {rank} is larger than the {num_samples} calibration samples available; "
                                  f"lower --rank.")

@@ -90,6 +90,9 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
     several devices get split_device_map)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from shortlvlm_vllm.models import register_with_transformers
+
+    register_with_transformers()
     kwargs: dict = {"attn_implementation": "sdpa", "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     devices = calibration_devices(device)
     if len(devices) > 1:

@@ -1,4 +1,5 @@
-"""Weight-only quantization (W4A16, compressed-tensors) of a LLaVA checkpoint, pruned or not.
+"""Weight-only quantization (W4A16, compressed-tensors) of a vision-language checkpoint, pruned or not: every linear
+weight of the decoder layers, nothing of the vision side (the architecture's adapter says which modules those are).
 
 llm-compressor cannot be installed beside vLLM (their compressed-tensors and transformers pins
 exclude each other), so the quantization pass runs in a second environment, `.venv-quant`, made by
@@ -78,9 +79,9 @@ def check_quantize_recipe(recipe: QuantizeRecipe) -> None:
 
 
 def quantized_weight_keys(src: SourceCheckpoint) -> list[str]:
-    """The decoder layers' linear weights: what gets quantized (vision tower, projector, lm_head stay)."""
-    roles = {"." + name for _, name in src.adapter.layer_weights}
-    return [t.name for t in src.tensors() if (m := src.adapter.match_layer_key(t.name)) and m[2] in roles]
+    """The decoder layers' linear (2-D) weights: what gets quantized (vision side, lm_head and norms stay)."""
+    return [t.name for t in src.tensors()
+            if src.adapter.match_layer_key(t.name) and t.name.endswith(".weight") and len(t.shape) == 2]
 
 
 def check_quantizable(src: SourceCheckpoint, group_size: int) -> None:
@@ -230,6 +231,12 @@ def _write_output(src: SourceCheckpoint, raw: Path, dst: Path, record: dict, ove
     renames = _source_names(src, [t for header in headers for t in header.tensors.values()])
     shards = [Shard([OutputTensor(renames[t.name], copy_from=t) for t in header.tensors.values()], header.metadata)
               for header in headers]
+    # tensors the model recomputes and so did not save (the adapter's saved_buffers) come from the source
+    written_names = set(renames.values())
+    buffers = [OutputTensor(t.name, copy_from=t) for t in src.tensors()
+               if t.name.endswith(src.adapter.saved_buffers) and t.name not in written_names]
+    if buffers:
+        shards[-1] = Shard([*shards[-1].tensors, *buffers], shards[-1].metadata)
 
     source = {t.name: t for t in src.tensors()}
     quantization["ignore"] = [_module_name(src, source, name) for name in quantization.get("ignore", [])]
@@ -267,7 +274,7 @@ def _source_names(src: SourceCheckpoint, written: list[TensorInfo]) -> dict[str,
                 )
             renames[info.name] = weight
         covered.add(weight)
-    missing = sorted(set(source) - covered)
+    missing = sorted(name for name in set(source) - covered if not name.endswith(src.adapter.saved_buffers))
     if missing:
         raise ShortLVLMError(f"llm-compressor's output lacks {len(missing)} source tensors, e.g. {missing[0]}.")
     return renames

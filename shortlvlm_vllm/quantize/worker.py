@@ -5,7 +5,7 @@ it lives in a second environment and `shortlvlm quantize` runs this module there
 
     .venv-quant/bin/python -m shortlvlm_vllm.quantize.worker '{"source": ..., "output": ...}'
 
-It loads the source LLaVA, runs llm-compressor's `oneshot` with the chosen modifier (calibration
+It loads the source model, runs llm-compressor's `oneshot` with the chosen modifier (calibration
 batches built here, with images, through the model's own processor and chat template) and saves
 the compressed-tensors checkpoint to `output`. Renaming keys to the source's layout, side files
 and the final atomic write happen in the main environment (shortlvlm_vllm.quantize.driver). This module
@@ -29,10 +29,6 @@ log = logging.getLogger("shortlvlm_vllm.quantize.worker")
 ERROR_MARKER = "SHORTLVLM_WORKER_ERROR: "
 RESULT_NAME = "worker_result.json"
 MAX_SHARD_SIZE = "5GB"
-# What the language model's decoder layers are called in the transformers LLaVA model: AWQ's smoothing
-# pairs must stay inside them (the CLIP vision tower has q/k/v_proj too, and no input_layernorm).
-_LM = r"re:.*language_model\..*"
-IGNORE = ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
 def main(argv: list[str]) -> int:
@@ -61,19 +57,22 @@ def run(spec: dict) -> None:
     import compressed_tensors
     import torch
     import transformers
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from shortlvlm_vllm.adapters.llava import LLAVA
+    from shortlvlm_vllm.adapters import adapter_for_config
+    from shortlvlm_vllm.models import register_with_transformers
 
     source, output = Path(spec["source"]), Path(spec["output"])
+    adapter = adapter_for_config(json.loads((source / "config.json").read_text()), str(source))
     log.info("loading %s with transformers %s", source, transformers.__version__)
+    register_with_transformers()
     processor = AutoProcessor.from_pretrained(source)
-    model = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto").eval()
-    layer_class = type(LLAVA.decoder_layers(model)[0]).__name__
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto").eval()
+    layer_class = type(adapter.decoder_layers(model)[0]).__name__
 
     loader = None if samples is None else _calibration_loader(processor, samples)
     num_samples = 0 if loader is None else len(loader)
-    recipe = _recipe(spec["method"], spec["scheme"], spec["group_size"])
+    recipe = _recipe(spec["method"], spec["scheme"], spec["group_size"], adapter)
     if spec["method"] == "awq" and not torch.accelerator.is_available():
         _skip_memory_pinning()
 
@@ -131,14 +130,15 @@ def _calibration_loader(processor, samples: list):
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def _recipe(method: str, scheme: str, group_size: int) -> list:
-    """The llm-compressor modifiers for `method`: everything but the language model stays unquantized."""
+def _recipe(method: str, scheme: str, group_size: int, adapter) -> list:
+    """The llm-compressor modifiers for `method`: everything but the decoder layers stays unquantized (the
+    adapter's ignore list), and AWQ smooths only inside them (the adapter's mappings)."""
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     groups = preset_name_to_scheme(scheme, ["Linear"])
     groups.weights = groups.weights.model_copy(update={"group_size": group_size})
-    config = {"config_groups": {"group_0": groups}, "ignore": IGNORE}
+    config = {"config_groups": {"group_0": groups}, "ignore": list(adapter.quantization_ignore)}
     if method == "gptq":
         return [GPTQModifier(**config)]
     if method == "rtn":
@@ -146,13 +146,9 @@ def _recipe(method: str, scheme: str, group_size: int) -> list:
     if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 
-        # Llama's default mappings, restricted to the language model.
-        mappings = [
-            AWQMapping(_LM + "input_layernorm$", [_LM + "q_proj$", _LM + "k_proj$", _LM + "v_proj$"]),
-            AWQMapping(_LM + "v_proj$", [_LM + "o_proj$"]),
-            AWQMapping(_LM + "post_attention_layernorm$", [_LM + "gate_proj$", _LM + "up_proj$"]),
-            AWQMapping(_LM + "up_proj$", [_LM + "down_proj$"]),
-        ]
+        inside = f"re:{adapter.decoder_module_regex}.*"
+        mappings = [AWQMapping(f"{inside}{smooth}$", [f"{inside}{name}$" for name in balanced])
+                    for smooth, balanced in adapter.awq_mappings]
         return [AWQModifier(mappings=mappings), QuantizationModifier(**config)]
     raise ShortLVLMError(f"unknown quantization method {method!r}; use gptq, awq or rtn.")
 

@@ -16,6 +16,8 @@ SHORT_LLAVA_ARCHITECTURE = "ShortLlavaForConditionalGeneration"
 
 REGISTERED_CLASSES: dict[str, str] = {
     SHORT_LLAVA_ARCHITECTURE: "shortlvlm_vllm.serving.vllm_plugin.llava:ShortLlavaForConditionalGeneration",
+    # mPLUG-Owl2 under its checkpoint's own name: vLLM has no class for it
+    "MPLUGOwl2LlamaForCausalLM": "shortlvlm_vllm.serving.vllm_plugin.mplug_owl2:MPLUGOwl2LlamaForCausalLM",
 }
 
 # model_type -> the registered class that serves a visual-token budget for it
@@ -53,9 +55,17 @@ def budget_overrides(config: Mapping, budget: int) -> dict:
 
 
 def register() -> None:
-    """Register the classes with vLLM's ModelRegistry; calling it again changes nothing."""
+    """Register the classes with vLLM's ModelRegistry, the reference models' configs with transformers (vLLM reads
+    config.json through AutoConfig), and their chat templates as vLLM's fallbacks; calling it again changes nothing."""
     from vllm import ModelRegistry
+    from vllm.transformers_utils.chat_templates import registry as chat_templates_registry
 
+    from shortlvlm_vllm.models import chat_templates, register_with_transformers
+
+    register_with_transformers()
+    for model_type, path in chat_templates().items():
+        if chat_templates_registry.get_chat_template_fallback_path(model_type, "") != path:
+            chat_templates_registry.register_chat_template_fallback_path(model_type, path)
     supported = set(ModelRegistry.get_supported_archs())
     for architecture, qualified_name in REGISTERED_CLASSES.items():
         if architecture not in supported:
