@@ -7,7 +7,8 @@ the axes is an arm. Each arm's checkpoint is built once and cached under a key o
 the same accuracy requests and the same throughput workload. Results go out as JSON, CSV, markdown and a
 plot of accuracy against throughput with the Pareto front marked; they name checkpoints relative to the results
 directory, never by a path of the machine that ran them. The visual-token axis (`token_fraction`, the fraction of
-each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets the budget through `--hf-overrides`.
+each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets the budget through `--hf-overrides`,
+and with it the selection (`token_selection`: visionzip, or random for a test arm of the same budget).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from shortlvlm_vllm.prune.recipe import PruneRecipe
 
 log = logging.getLogger(__name__)
 
-AXES = ("ratio", "localize", "compensate", "quantize", "token_fraction")
-ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none", "token_fraction": 1.0}
+AXES = ("ratio", "localize", "compensate", "quantize", "token_fraction", "token_selection")
+ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none", "token_fraction": 1.0,
+                "token_selection": "visionzip"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Arm:
     compensate: str
     quantize: str
     token_fraction: float = 1.0  # fraction of each image's visual tokens kept (K is `visual_tokens(N)`)
+    token_selection: str = "visionzip"  # which K: serving.visual_tokens.SELECTIONS
 
     @property
     def pruning_name(self) -> str:
@@ -53,7 +56,10 @@ class Arm:
     @property
     def name(self) -> str:
         name = self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
-        return name if self.token_fraction == 1 else f"{name}+tokens-{round(self.token_fraction * 100)}%"
+        if self.token_fraction == 1:
+            return name
+        tokens = f"{name}+tokens-{round(self.token_fraction * 100)}%"
+        return tokens if self.token_selection == "visionzip" else f"{tokens}-{self.token_selection}"
 
     def visual_tokens(self, num_tokens: int) -> int:
         """K for an image of `num_tokens` tokens."""
@@ -102,6 +108,8 @@ def load_config(path: str | Path) -> MatrixConfig:
         raise ShortLVLMError(f"{path}: unknown keys {sorted(extra)}; the keys are grid, {', '.join(sorted(known))}.")
     if "model" not in raw:
         raise ShortLVLMError(f"{path}: name the model to prune (`model: toy` for the shipped toy model).")
+    from shortlvlm_vllm.serving.visual_tokens import SELECTIONS
+
     axes = {axis: _as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES}
     arms = list(dict.fromkeys(_normalise(Arm(**dict(zip(AXES, values, strict=True))))
                               for values in itertools.product(*axes.values())))
@@ -111,6 +119,9 @@ def load_config(path: str | Path) -> MatrixConfig:
         if not 0 < arm.token_fraction <= 1:
             raise ShortLVLMError(f"{path}: token_fraction {arm.token_fraction} must be in (0, 1]: the fraction of "
                                  f"visual tokens kept.")
+        if arm.token_selection not in SELECTIONS:
+            raise ShortLVLMError(f"{path}: token_selection {arm.token_selection!r} is unknown; use "
+                                 f"{' or '.join(SELECTIONS)}.")
     return MatrixConfig(arms=arms, **raw)
 
 
@@ -119,10 +130,12 @@ def _as_list(value: Any) -> list:
 
 
 def _normalise(arm: Arm) -> Arm:
-    """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget."""
+    """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget;
+    an arm that keeps every token has no selection to make."""
     fraction = float(arm.token_fraction)
-    return Arm(0.0, "-", "-", arm.quantize, fraction) if not arm.ratio else Arm(float(arm.ratio), *map(str, (
-        arm.localize, arm.compensate, arm.quantize)), fraction)
+    selection = str(arm.token_selection) if fraction < 1 else ARM_DEFAULTS["token_selection"]
+    return Arm(0.0, "-", "-", arm.quantize, fraction, selection) if not arm.ratio else Arm(float(arm.ratio), *map(
+        str, (arm.localize, arm.compensate, arm.quantize)), fraction, selection)
 
 
 SOURCE_NAME = "source.json"
@@ -273,7 +286,7 @@ class Matrix:
         config = json.loads((checkpoint / "config.json").read_text())
         budget = arm.visual_tokens(image_token_count(config))
         kwargs["extra_args"] = [*kwargs.get("extra_args", []), "--hf-overrides",
-                                json.dumps(budget_overrides(config, budget))]
+                                json.dumps(budget_overrides(config, budget, arm.token_selection))]
         return kwargs, budget
 
 
