@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--output", type=Path, default=Path("eval/results/stacking_throughput"))
+    parser.add_argument("--build-only", action="store_true",
+                        help="build (and cache) every arm's checkpoint, measure nothing: the slow part, which "
+                             "needs no quiet machine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -115,7 +118,13 @@ def main() -> None:
     config.quantize = {**config.quantize, "num_samples": 16}
     config.benchmark = {"name": "synthetic", "limit": 8}  # a random model's answers: only served, not scored
     config.throughput = {"num_prompts": args.num_prompts, "concurrency": args.concurrency, "output_len": 2}
-    speed = Matrix(config, args.output).run()
+    matrix = Matrix(config, args.output)
+    if args.build_only:
+        matrix.check_source()
+        for arm in config.arms:
+            matrix.checkpoint(arm)
+        return
+    speed = matrix.run()
     name = (f"a random LLaVA with the toy's geometry (81 tokens per image, 16 layers), decoder hidden {args.hidden}, "
             f"bfloat16; {args.num_prompts} synthetic prompts at concurrency {args.concurrency}, 2 output tokens")
     summary = write_stacking(join(speed, json.loads(args.accuracy.read_text())), args.output, name)

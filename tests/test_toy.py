@@ -237,3 +237,11 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         weights.append((tmp_path / str(run) / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
+
+
+def test_train_toy_on_cuda_without_one_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from shortlvlm_vllm.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train-toy", "-o", str(tmp_path / "toy"), "--device", "cuda"]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err and not (tmp_path / "toy").exists()

@@ -15,9 +15,11 @@ Two versions of the scenes (`SyntheticConfig.version`), same questions and API:
 - version 1, the first toy's: 64 px, objects filling most of their cells, a faint background; at the
   toy's 3x3 patches every token holds an object or nothing;
 - version 2 (the default), redundant the way photos are: 72 px, meant to be seen at 8 px patches
-  (9x9 = 81 tokens, 3x3 per cell), objects covering 1-9 patches each and about an eighth of the image in
-  all, the rest background with low-saturation clutter (grey blobs, bars and strokes that are no named
-  object), so that a background patch is neither empty nor uniform.
+  (9x9 = 81 tokens, 3x3 per cell); a small object fills one patch and a large one a block of 2x2, so that
+  objects hold about a twelfth of the patches, the rest background with low-saturation clutter (grey
+  blobs, bars and strokes that are no named object), so that a background patch is neither empty nor
+  uniform. Objects sit on the patch grid: a patch that straddled an object's edge at random offsets saw
+  a sliver of a shape, and at 8 px the first 81-token toy's tower read shape from patches at 50-60%.
 
 Everything derives from `SyntheticConfig.seed`: each split has its own seed and image ids, so splits
 never share an image.
@@ -59,9 +61,13 @@ MAX_OBJECTS = 4
 POPULAR_TOP_K = 3  # POPE's popular negatives: the k most frequent objects absent from the image
 VERSIONS = (1, 2)
 IMAGE_SIZE = {1: 64, 2: 72}  # each version's default image side
-# Object sides as fractions of the image side: 10 and 18 px at 64 px (version 1); 8 and 14 px at 72 px
-# (version 2: at 8 px patches a small object covers 1-4 patches, a large one 4-9).
-SIZE_FRACTION = {1: {"small": 0.16, "large": 0.28}, 2: {"small": 0.11, "large": 0.19}}
+# Version 1: object sides as fractions of the image side (10 and 18 px at 64 px), anywhere in their cell.
+SIZE_FRACTION = {"small": 0.16, "large": 0.28}
+# Version 2: each cell is PATCHES_PER_CELL x PATCHES_PER_CELL patches (8 px at 72 px); a small object fills
+# one patch, a large one a block of 2 x 2 (7 and 15 px at 72 px, a 1 px margin on the block's top and left),
+# at a random patch of the cell, so that every patch holds one whole object, a quarter of one, or none.
+PATCHES_PER_CELL = 3
+BLOCK = {"small": 1, "large": 2}
 CLUTTER_ITEMS = (6, 12)  # version 2: distractors per image, at least and at most
 
 EXISTENCE_Q = "Is there a {colour} {shape} in the image?"
@@ -101,6 +107,10 @@ class SyntheticConfig:
             raise ShortLVLMError(f"unknown synthetic version {self.version!r}; use one of {VERSIONS}.")
         if self.image_size is None:
             object.__setattr__(self, "image_size", IMAGE_SIZE[self.version])
+        if self.version >= 2 and self.image_size % (GRID * PATCHES_PER_CELL):
+            raise ShortLVLMError(f"image_size {self.image_size}: version {self.version} draws objects on a grid of "
+                                 f"{GRID * PATCHES_PER_CELL} x {GRID * PATCHES_PER_CELL} patches; use a multiple of "
+                                 f"{GRID * PATCHES_PER_CELL} (72 is the default).")
         if self.image_size < 32:
             raise ShortLVLMError(f"image_size {self.image_size} is too small to draw shapes; use at least 32.")
         if self.seed < 0:
@@ -152,8 +162,7 @@ def generate_split(split: str, config: SyntheticConfig) -> list[dict]:
     pixels_rng = np.random.default_rng(split_seed)
     counts: dict[str, Counter] = defaultdict(Counter)  # per choice: how often each option was taken
     scenes = [
-        _plan_scene(rng, counts, _families(index, config.questions_per_image), config.image_size,
-                    SIZE_FRACTION[config.version])
+        _plan_scene(rng, counts, _families(index, config.questions_per_image), config.image_size, config.version)
         for index in range(config.num_images(split))
     ]
     # POPE's popular negatives come from the most frequent objects of the split; ties in a fixed order.
@@ -245,7 +254,7 @@ def _balanced(rng: random.Random, keys: list, counts: Counter):
 
 
 def _plan_scene(rng: random.Random, counts: dict[str, Counter], families: tuple[str, ...], size: int,
-                sides: dict[str, float]) -> _Scene:
+                version: int) -> _Scene:
     """Objects with distinct (colour, shape), so a colour + shape names exactly one object.
 
     The scene is built around a count (how many objects share one shape or one colour), balanced over
@@ -270,13 +279,20 @@ def _plan_scene(rng: random.Random, counts: dict[str, Counter], families: tuple[
         if n == 1 or any(a[0] != b[0] and a[1] != b[1] for a in cells for b in cells):
             break
     edges = [round(k * size / GRID) for k in range(GRID + 1)]
+    patch = size // (GRID * PATCHES_PER_CELL)
     objects = []
     for (colour, shape), (row, column) in zip(pairs, cells, strict=True):
         object_size = rng.choice(SIZES)
-        side = round(sides[object_size] * size)
-        # A 1 px margin inside the cell keeps objects in neighbouring cells apart.
-        x0 = rng.randint(edges[column] + 1, max(edges[column] + 1, edges[column + 1] - 1 - side))
-        y0 = rng.randint(edges[row] + 1, max(edges[row] + 1, edges[row + 1] - 1 - side))
+        if version == 1:
+            side = round(SIZE_FRACTION[object_size] * size)
+            # A 1 px margin inside the cell keeps objects in neighbouring cells apart.
+            x0 = rng.randint(edges[column] + 1, max(edges[column] + 1, edges[column + 1] - 1 - side))
+            y0 = rng.randint(edges[row] + 1, max(edges[row] + 1, edges[row + 1] - 1 - side))
+        else:
+            block = BLOCK[object_size]
+            side = block * patch - 1
+            x0 = edges[column] + rng.randint(0, PATCHES_PER_CELL - block) * patch + 1
+            y0 = edges[row] + rng.randint(0, PATCHES_PER_CELL - block) * patch + 1
         objects.append(_Object(colour, shape, object_size, (row, column), (x0, y0, x0 + side - 1, y0 + side - 1)))
     return _Scene(families, tuple(objects), kind, value)
 

@@ -472,6 +472,11 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
     tower_out: dict = {}
     hook = model.model.vision_tower.register_forward_hook(lambda module, args, out: tower_out.update(out=out))
     index_of_feature = _feature_index(model)
+    # Clipped apart: the vision objective's gradients, once the LLaVA loss is small, would otherwise scale
+    # the decoder's steps down with them.
+    vision_params = [*model.model.vision_tower.parameters(), *head.parameters()]
+    seen = {id(p) for p in vision_params}
+    clipped = [[p for p in model.parameters() if id(p) not in seen], vision_params]
     order_rng = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     history = []
@@ -492,7 +497,8 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
                                     train_targets[images].to(device))
         optimizer.zero_grad(set_to_none=True)
         (loss + config.vision_loss_weight * vision_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in clipped:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
         optimizer.step()
         schedule.step()
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
