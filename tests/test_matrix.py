@@ -35,9 +35,15 @@ def test_shipped_configs_expand_to_the_arms_the_issue_asks_for():
 
 def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tiny_llava, tmp_path):
     config = load_config(CONFIGS / "stacking_tokens.yaml")
-    assert [arm.name for arm in config.arms] == ["full", "full+tokens-50%", "full+tokens-25%", "tis+scp-30%",
-                                                 "tis+scp-30%+tokens-50%", "tis+scp-30%+tokens-25%"]
-    assert [Arm(0.0, "-", "-", "none", t).visual_tokens(9) for t in (1.0, 0.5, 0.25)] == [9, 4, 2]
+    names = [arm.name for arm in config.arms]
+    assert len(names) == 3 * 2 * 4  # TIS+SCP 0/30/40% x none/GPTQ x 100/50/25/12.5% of the tokens
+    assert names[:4] == ["full", "full+tokens-50%", "full+tokens-25%", "full+tokens-12%"]
+    assert {"tis+scp-40%+gptq+tokens-12%", "tis+scp-30%+tokens-50%"} <= set(names)
+    random = load_config(CONFIGS / "tokens_random.yaml")
+    assert [arm.name for arm in random.arms] == [
+        "full", "full+tokens-50%", "full+tokens-50%-random", "full+tokens-25%", "full+tokens-25%-random",
+        "full+tokens-12%", "full+tokens-12%-random"]
+    assert [Arm(0.0, "-", "-", "none", t).visual_tokens(81) for t in (1.0, 0.5, 0.25, 0.125)] == [81, 40, 20, 10]
     config.server = {"max_model_len": 512, "extra_args": ["--seed", "1"]}
     matrix = Matrix(config, tmp_path)
     assert matrix.server_kwargs(Arm(0.0, "-", "-", "none"), tiny_llava) == (config.server, None)
@@ -46,6 +52,9 @@ def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tin
     assert kwargs["extra_args"][:3] == ["--seed", "1", "--hf-overrides"]
     overrides = json.loads(kwargs["extra_args"][3])
     assert overrides["architectures"] == [SHORT_LLAVA_ARCHITECTURE] and overrides["short_lvlm"]["visual_tokens"] == 16
+    random_kwargs, _ = matrix.server_kwargs(Arm(0.0, "-", "-", "none", 0.25, "random"), tiny_llava)
+    overrides = json.loads(random_kwargs["extra_args"][-1])
+    assert overrides["short_lvlm"] == {"visual_tokens": 16, "visual_token_selection": "random"}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -53,6 +62,7 @@ def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tin
     ("model: toy\ngrid: {ratio: [0.1], depth: [2]}\n", "unknown axes"),
     ("model: toy\ngrid: {ratio: [1.5]}\n", "ratio 1.5"),
     ("model: toy\ngrid: {token_fraction: [0]}\n", "token_fraction 0.0 must be in"),
+    ("model: toy\ngrid: {token_fraction: [0.5], token_selection: [best]}\n", "token_selection 'best'"),
     ("grid: {ratio: [0.1]}\n", "name the model"),
     ("model: toy\ngrid: {ratio: [0.1]}\nbenchmrk: {}\n", "unknown keys"),
     ("model: toy\ngrid: {ratio: [0.1\n", "not valid YAML"),

@@ -24,6 +24,7 @@ from shortlvlm_vllm.data.synthetic import (
     answer_vocabulary,
     build_dataset,
     generate_split,
+    object_patches,
     question_vocabulary,
     words,
     write_synthetic,
@@ -140,8 +141,8 @@ def test_scenes_are_well_formed(rows):
         assert len({tuple(o["cell"]) for o in objects}) == len(objects)
         for o in objects:
             x0, y0, x1, y1 = o["bbox"]
-            assert 0 <= x0 < x1 < 64 and 0 <= y0 < y1 < 64
-            assert x1 - x0 + 1 == {"small": 10, "large": 18}[o["size"]]
+            assert 0 <= x0 < x1 < 72 and 0 <= y0 < y1 < 72
+            assert x1 - x0 + 1 == {"small": 7, "large": 15}[o["size"]]
             assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == COLOURS[o["colour"]]
         for a in objects:
             for b in objects:
@@ -218,9 +219,9 @@ def test_vocabularies_cover_every_question_and_answer(rows):
 
 
 def test_image_size_scales_the_scene():
-    rows = generate_split("test", SyntheticConfig(image_size=96, test_images=10))
-    assert rows[0]["image"].size == (96, 96)
-    assert all(0 <= v < 96 for r in rows for o in json.loads(r["scene"]) for v in o["bbox"])
+    rows = generate_split("test", SyntheticConfig(image_size=108, test_images=10))
+    assert rows[0]["image"].size == (108, 108)
+    assert all(0 <= v < 108 for r in rows for o in json.loads(r["scene"]) for v in o["bbox"])
 
 
 def test_build_dataset_columns():
@@ -231,7 +232,7 @@ def test_build_dataset_columns():
     assert isinstance(features["image"], datasets.Image)
     assert features["options"] == datasets.List(datasets.Value("string"))
     row = dataset["train"][4]
-    assert row["family"] == "multiple_choice" and len(row["options"]) == 4 and row["image"].size == (64, 64)
+    assert row["family"] == "multiple_choice" and len(row["options"]) == 4 and row["image"].size == (72, 72)
 
 
 def test_write_synthetic_reads_back(tmp_path):
@@ -246,15 +247,75 @@ def test_write_synthetic_reads_back(tmp_path):
     assert len(samples) == 5
     for sample in samples:
         assert "<image>" not in sample.question and sample.answer
-        assert isinstance(sample.image_ref, Path) and sample.load_image().size == (64, 64)
+        assert isinstance(sample.image_ref, Path) and sample.load_image().size == (72, 72)
     with pytest.raises(ShortLVLMError, match="already exists"):
         write_synthetic(out, SMALL)
     write_synthetic(out, SyntheticConfig(train_images=5, calib_images=5, test_images=5), overwrite=True)
     assert datasets.load_from_disk(str(out / "dataset"))["train"].num_rows == 25
 
 
+# sha256 of the version-1 test split at the default seed (every row's fields, then each image's raw pixels),
+# as the first toy model was trained and measured on it: version 2 must leave version 1 as it was.
+VERSION_1_TEST_SPLIT = "0191d237f0bdcaebcaba1e643bfb44872c957df12e4c85a96f3ee32bdfeebdf5"
+
+
+def split_digest(rows: list[dict]) -> str:
+    digest, seen = hashlib.sha256(), set()
+    for r in rows:
+        digest.update(json.dumps({k: v for k, v in r.items() if k != "image"}, sort_keys=True).encode())
+        if r["image_id"] not in seen:
+            seen.add(r["image_id"])
+            digest.update(r["image"].tobytes())
+    return digest.hexdigest()
+
+
+def test_version_1_test_split_is_unchanged():
+    rows = generate_split("test", SyntheticConfig(version=1))
+    assert len(rows) == 5000 and rows[0]["image"].size == (64, 64)
+    assert split_digest(rows) == VERSION_1_TEST_SPLIT
+
+
+def test_version_2_is_the_default_and_differs_from_version_1():
+    assert SyntheticConfig() == SyntheticConfig(version=2, image_size=72)
+    assert SyntheticConfig(version=1).image_size == 64
+    v1, v2 = (generate_split("test", SyntheticConfig(version=v, test_images=20)) for v in (1, 2))
+    assert [r["family"] for r in v1] == [r["family"] for r in v2]  # same families, same API
+    assert v2[0]["image"].size == (72, 72) and split_digest(v1) != split_digest(v2)
+
+
+def test_version_2_objects_cover_a_minority_of_the_patches_and_the_rest_is_cluttered():
+    """At the toy's 9 x 9 patches of 8 px: objects on about a tenth of them, a small one on 1 patch and a large
+    one on 2 x 2; background patches vary (clutter), so they are neither empty nor all alike."""
+    import numpy as np
+
+    rows = generate_split("test", SyntheticConfig(test_images=200))
+    images = list({r["image_id"]: r for r in rows}.values())
+    covered, spans, background_spread = [], [], []
+    for r in images:
+        owner = object_patches(r["scene"], 72, 9)
+        objects = json.loads(r["scene"])
+        spans += [int((owner == k + 1).sum()) for k in range(len(objects))]
+        covered.append((owner > 0).mean())
+        pixels = np.asarray(r["image"], dtype=np.float64).reshape(9, 8, 9, 8, 3).mean(axis=(1, 3))
+        background = pixels[owner == 0]
+        background_spread.append(np.abs(background - np.median(background, axis=0)).max())
+        for k, o in enumerate(objects):  # a covered patch holds the object's colour
+            x0, y0, x1, y1 = o["bbox"]
+            assert (owner[y0 // 8: y1 // 8 + 1, x0 // 8: x1 // 8 + 1] == k + 1).any()
+            assert set(np.unique(owner[owner == k + 1])) == {k + 1}
+    assert 0.06 < np.mean(covered) < 0.15 and max(covered) <= 16 / 81
+    assert set(spans) == {1, 4}
+    assert np.median(background_spread) > 15  # clutter: some background patch far from the image's background
+
+
+def test_object_patches_needs_whole_patches():
+    with pytest.raises(ShortLVLMError, match="whole patches"):
+        object_patches("[]", 72, 7)
+
+
 @pytest.mark.parametrize("bad", [
-    {"image_size": 16}, {"seed": -1}, {"train_images": 0}, {"questions_per_image": 0}, {"questions_per_image": 6},
+    {"version": 3}, {"image_size": 16}, {"image_size": 64}, {"seed": -1}, {"train_images": 0},
+    {"questions_per_image": 0}, {"questions_per_image": 6},
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ShortLVLMError):

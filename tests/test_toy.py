@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from shortlvlm_vllm.chat import template_image_turn
-from shortlvlm_vllm.data.synthetic import COLOURS, FAMILIES, SHAPES, SIZES, SyntheticConfig, generate_split, words
+from shortlvlm_vllm.data.synthetic import (
+    COLOURS,
+    FAMILIES,
+    OBJECTS,
+    SHAPES,
+    SIZES,
+    SyntheticConfig,
+    generate_split,
+    object_patches,
+    words,
+)
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.tiny_models import make_llava
 from shortlvlm_vllm.toy.training import (
@@ -20,10 +30,11 @@ from shortlvlm_vllm.toy.training import (
     answer_accuracy,
     build_word_tokenizer,
     caption,
-    cell_labels,
+    cls_attention_on_objects,
     encode_split,
     prompt_text,
     train_toy_model,
+    vision_targets,
     warm_up_vision,
     with_training_turns,
 )
@@ -154,37 +165,66 @@ def test_untrained_model_scores_near_chance(tokenizer):
     assert result["existence"] <= 0.6 and result["spatial"] <= 0.6
 
 
-def test_cell_labels_name_each_cells_object(rows):
-    labels = cell_labels(rows)
-    scenes = list({r["image_id"]: json.loads(r["scene"]) for r in rows}.values())
-    assert labels.shape == (len(scenes), 9, 5)
+def test_vision_targets_name_each_patchs_object_and_one_centre_per_object(rows):
+    targets = vision_targets(rows, 72, 9)
+    scenes = list({r["image_id"]: r["scene"] for r in rows}.values())
+    assert targets.patches.shape == (len(scenes), 81, 6) and targets.presence.shape == (len(scenes), len(OBJECTS))
     for image, scene in enumerate(scenes):
-        assert ((labels[image] > 0).sum(0) == len(scene)).all()  # every other cell is empty
-        for o in scene:
-            shape, colour, size, row, column = labels[image, o["cell"][0] * 3 + o["cell"][1]].tolist()
-            named = (SHAPES[shape - 1], list(COLOURS)[colour - 1], SIZES[size - 1], row - 1, column - 1)
-            assert named == (o["shape"], o["colour"], o["size"], *o["cell"])
+        objects = json.loads(scene)
+        owner = torch.from_numpy(object_patches(scene, 72, 9)).flatten()
+        labels = targets.patches[image]
+        assert (labels[:, -1] == 2).sum() == len(objects)  # one centre patch per object
+        assert targets.presence[image].sum() == len(objects)
+        for o in objects:
+            x0, y0, x1, y1 = o["bbox"]
+            centre = labels[int((y0 + y1) / 2 // 8) * 9 + int((x0 + x1) / 2 // 8)].tolist()
+            shape, colour, size, row, column, is_centre = centre
+            named = (SHAPES[shape - 1], list(COLOURS)[colour - 1], SIZES[size - 1], row - 1, column - 1, is_centre)
+            assert named == (o["shape"], o["colour"], o["size"], *o["cell"], 2)
+            assert targets.presence[image, OBJECTS.index((o["colour"], o["shape"]))] == 1
+        covered = labels[:, 0] > 0  # an object's patches and its centre; background patches all 0
+        assert (covered == ((owner > 0) | (labels[:, -1] == 2))).all() and (labels[~covered] == 0).all()
 
 
-def test_vision_warm_up_teaches_the_tower_what_is_in_each_cell(tokenizer):
+def test_vision_targets_need_whole_patches(rows):
+    with pytest.raises(ShortLVLMError, match="whole patches"):
+        vision_targets(rows, 72, 7)
+
+
+def test_vision_warm_up_teaches_the_tower_what_each_patch_holds(tokenizer):
     """A few steps already beat guessing on held-out images: the labels line up with the patches."""
     config = ToyTrainingConfig(vision_warmup_steps=60, vision_warmup_batch_size=32)
     model, processor = make_llava(tokenizer, num_layers=1, hidden_size=128, vision_hidden_size=128, vision_layers=2,
-                                  image_size=48, patch_size=16)
+                                  image_size=72, patch_size=8)
     data = SyntheticConfig(train_images=300, test_images=100)
     train, test = (generate_split(split, data) for split in ("train", "test"))
-    pixels = [encode_split(r, tokenizer, processor.image_processor, 9).pixels for r in (train, test)]
-    accuracy = warm_up_vision(model, config, (pixels[0], cell_labels(train)), (pixels[1], cell_labels(test)))
-    assert set(accuracy) == {"shape", "colour", "size", "row", "column"}
-    assert accuracy["colour"] > 0.6 and accuracy["size"] > 0.6  # chance: 1/4 and 1/2 of the occupied cells
+    pixels = [encode_split(r, tokenizer, processor.image_processor, 81).pixels for r in (train, test)]
+    _, accuracy = warm_up_vision(model, config, (pixels[0], vision_targets(train, 72, 9)),
+                                 (pixels[1], vision_targets(test, 72, 9)))
+    assert set(accuracy) == {"shape", "colour", "size", "row", "column", "centre", "presence"}
+    assert accuracy["colour"] > 0.5  # chance: 1/4 of the covered patches (and it must first find them)
 
 
-def test_vision_warm_up_needs_one_patch_per_cell(tokenizer):
-    config = ToyTrainingConfig(image_size=64, patch_size=16)
-    model, _ = make_llava(tokenizer, num_layers=1, hidden_size=128, image_size=64, patch_size=16)
-    empty = (torch.zeros(0, 3, 64, 64), torch.zeros(0, 9, 3, dtype=torch.long))
-    with pytest.raises(ShortLVLMError, match="one patch per grid cell"):
-        warm_up_vision(model, config, empty, empty)
+def test_cls_attention_on_objects_is_the_cls_rows_attention_mass(tokenizer):
+    """Checked against the tower's own eager attention probabilities at the feature layer, summed over heads."""
+    model, _ = make_llava(tokenizer, num_layers=1, hidden_size=128, vision_hidden_size=64, vision_layers=3,
+                          image_size=32, patch_size=8, seed=3)
+    model.model.vision_tower.config._attn_implementation = "eager"
+    pixels = torch.randn(5, 3, 32, 32)
+    covered = torch.rand(5, 16) < 0.3
+    covered[0] = False
+    covered[0, 3] = True
+    measured = cls_attention_on_objects(model, pixels, covered, batch_size=2)
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values=pixels, output_attentions=True)
+    feature = model.config.vision_feature_layer % 4  # hidden_states[2] is the output of layer 1
+    attention = out.attentions[feature - 1][:, :, 0, 1:].sum(dim=1)  # [CLS] row, patches, summed over heads
+    expected = ((attention * covered).sum(-1) / attention.sum(-1)).mean().item()
+    assert measured["attention"] == pytest.approx(expected, rel=1e-4)
+    assert measured["patches"] == pytest.approx(covered.float().mean().item())
+    shares = [covered[i, attention[i].topk(int(covered[i].sum())).indices].float().mean().item() if covered[i].any()
+              else 0.0 for i in range(5)]
+    assert measured["top_k"] == pytest.approx(sum(shares) / 5, rel=1e-4)
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -197,3 +237,11 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         weights.append((tmp_path / str(run) / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
+
+
+def test_train_toy_on_cuda_without_one_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from shortlvlm_vllm.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train-toy", "-o", str(tmp_path / "toy"), "--device", "cuda"]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err and not (tmp_path / "toy").exists()

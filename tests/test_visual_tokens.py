@@ -13,8 +13,10 @@ from shortlvlm_vllm.cli import main
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.serving.visual_tokens import (
     cls_attention,
+    configured_selection,
     key_metric,
     key_sums,
+    random_visual_tokens,
     select_visual_tokens,
     split_budget,
 )
@@ -151,6 +153,43 @@ def test_serving_overrides_keep_the_rest_of_the_section(tiny_llava):
     config = json.loads((tiny_llava / "config.json").read_text()) | {"short_lvlm": {"pruned_layers": [3]}}
     assert budget_overrides(config, 16) == {"architectures": [SHORT_LLAVA_ARCHITECTURE],
                                             "short_lvlm": {"pruned_layers": [3], "visual_tokens": 16}}
+
+
+def test_random_selection_is_seeded_by_the_image_and_differs_from_visionzips():
+    """The test arm: K of the N tokens, in order, the same for the same image and seed whatever the batch."""
+    features = torch.arange(2 * 81 * 3.0).view(2, 81, 3)
+    pixels = torch.randn(2, 3, 72, 72)
+    chosen = random_visual_tokens(features, pixels, 20, seed=0)
+    assert chosen.shape == (2, 20, 3)
+    rows = chosen[..., 0] // 3 - torch.tensor([[0], [81]])  # which token each kept row is
+    assert all(sorted(set(r.tolist())) == r.tolist() for r in rows)  # 20 distinct tokens, in original order
+    assert torch.equal(random_visual_tokens(features, pixels, 20, seed=0), chosen)  # deterministic
+    alone = random_visual_tokens(features[1:], pixels[1:], 20, seed=0)
+    assert torch.equal(alone[0], chosen[1])  # an image's choice does not depend on its batch
+    assert not torch.equal(rows[0], rows[1])  # another image, another draw
+    assert not torch.equal(random_visual_tokens(features, pixels, 20, seed=1), chosen)  # another seed too
+    attention = torch.zeros(2, 81)
+    attention[:, 40:60] = 1.0  # VisionZip keeps its 17 dominant tokens among 40..59
+    visionzip = select_visual_tokens(features, attention, torch.randn(2, 81, 4), 20)
+    assert not torch.equal(visionzip, chosen)
+    assert torch.equal(random_visual_tokens(features, pixels, 81, seed=0), features)
+
+
+def test_the_selection_is_read_from_the_config_and_checked():
+    assert configured_selection({}) == ("visionzip", 0)
+    section = {"visual_tokens": 20, "visual_token_selection": "random", "visual_token_seed": 3}
+    assert configured_selection({"short_lvlm": section}) == ("random", 3)
+    for bad, message in (({"visual_token_selection": "best"}, "unknown"), ({"visual_token_seed": -1}, ">= 0")):
+        with pytest.raises(ShortLVLMError, match=message):
+            configured_selection({"short_lvlm": bad})
+
+
+def test_serving_overrides_can_switch_the_selection(tiny_llava):
+    config = json.loads((tiny_llava / "config.json").read_text())
+    assert budget_overrides(config, 16, "random")["short_lvlm"] == {"visual_tokens": 16,
+                                                                    "visual_token_selection": "random"}
+    with pytest.raises(ShortLVLMError, match="unknown"):
+        budget_overrides(config, 16, "best")
 
 
 def test_register_is_idempotent_and_lazy():

@@ -11,6 +11,16 @@ Two properties make it a usable yardstick for a small model trained from scratch
 - answers are balanced (each choice is the least used so far among those the scene allows), so the
   prompt alone is worth chance and a model must look at the image.
 
+Two versions of the scenes (`SyntheticConfig.version`), same questions and API:
+- version 1, the first toy's: 64 px, objects filling most of their cells, a faint background; at the
+  toy's 3x3 patches every token holds an object or nothing;
+- version 2 (the default), redundant the way photos are: 72 px, meant to be seen at 8 px patches
+  (9x9 = 81 tokens, 3x3 per cell); a small object fills one patch and a large one a block of 2x2, so that
+  objects hold about a twelfth of the patches, the rest background with low-saturation clutter (grey
+  blobs, bars and strokes that are no named object), so that a background patch is neither empty nor
+  uniform. Objects sit on the patch grid: a patch that straddled an object's edge at random offsets saw
+  a sliver of a shape, and at 8 px the first 81-token toy's tower read shape from patches at 50-60%.
+
 Everything derives from `SyntheticConfig.seed`: each split has its own seed and image ids, so splits
 never share an image.
 """
@@ -49,7 +59,16 @@ LETTERS = ("A", "B", "C", "D")
 GRID = 3  # objects sit in distinct cells of a GRID x GRID grid
 MAX_OBJECTS = 4
 POPULAR_TOP_K = 3  # POPE's popular negatives: the k most frequent objects absent from the image
-SIZE_FRACTION = {"small": 0.16, "large": 0.28}  # of the image side: 10 and 18 px at 64 px
+VERSIONS = (1, 2)
+IMAGE_SIZE = {1: 64, 2: 72}  # each version's default image side
+# Version 1: object sides as fractions of the image side (10 and 18 px at 64 px), anywhere in their cell.
+SIZE_FRACTION = {"small": 0.16, "large": 0.28}
+# Version 2: each cell is PATCHES_PER_CELL x PATCHES_PER_CELL patches (8 px at 72 px); a small object fills
+# one patch, a large one a block of 2 x 2 (7 and 15 px at 72 px, a 1 px margin on the block's top and left),
+# at a random patch of the cell, so that every patch holds one whole object, a quarter of one, or none.
+PATCHES_PER_CELL = 3
+BLOCK = {"small": 1, "large": 2}
+CLUTTER_ITEMS = (6, 12)  # version 2: distractors per image, at least and at most
 
 EXISTENCE_Q = "Is there a {colour} {shape} in the image?"
 ATTRIBUTE_Q = {
@@ -75,7 +94,8 @@ WORD = re.compile(r"\w+|[^\w\s]")
 class SyntheticConfig:
     """Size and seed of the synthetic set; the defaults suit a small model trained from scratch on CPU."""
 
-    image_size: int = 64
+    version: int = 2  # of the scenes (see the module's docstring); 1 stays byte for byte as it was
+    image_size: int | None = None  # None: the version's own (IMAGE_SIZE)
     seed: int = 0
     train_images: int = 20000
     calib_images: int = 512
@@ -83,6 +103,14 @@ class SyntheticConfig:
     questions_per_image: int = 5  # one per family, families rotating across images when fewer
 
     def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise ShortLVLMError(f"unknown synthetic version {self.version!r}; use one of {VERSIONS}.")
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", IMAGE_SIZE[self.version])
+        if self.version >= 2 and self.image_size % (GRID * PATCHES_PER_CELL):
+            raise ShortLVLMError(f"image_size {self.image_size}: version {self.version} draws objects on a grid of "
+                                 f"{GRID * PATCHES_PER_CELL} x {GRID * PATCHES_PER_CELL} patches; use a multiple of "
+                                 f"{GRID * PATCHES_PER_CELL} (72 is the default).")
         if self.image_size < 32:
             raise ShortLVLMError(f"image_size {self.image_size} is too small to draw shapes; use at least 32.")
         if self.seed < 0:
@@ -134,7 +162,7 @@ def generate_split(split: str, config: SyntheticConfig) -> list[dict]:
     pixels_rng = np.random.default_rng(split_seed)
     counts: dict[str, Counter] = defaultdict(Counter)  # per choice: how often each option was taken
     scenes = [
-        _plan_scene(rng, counts, _families(index, config.questions_per_image), config.image_size)
+        _plan_scene(rng, counts, _families(index, config.questions_per_image), config.image_size, config.version)
         for index in range(config.num_images(split))
     ]
     # POPE's popular negatives come from the most frequent objects of the split; ties in a fixed order.
@@ -143,7 +171,7 @@ def generate_split(split: str, config: SyntheticConfig) -> list[dict]:
     rows = []
     for index, scene in enumerate(scenes):
         image_id = f"{split}-{index:06d}"
-        image = _render(scene.objects, config.image_size, pixels_rng)
+        image = _render(scene.objects, config.image_size, pixels_rng, config.version)
         scene_json = json.dumps([
             {"colour": o.colour, "shape": o.shape, "size": o.size, "cell": list(o.cell), "bbox": list(o.bbox)}
             for o in scene.objects
@@ -225,7 +253,8 @@ def _balanced(rng: random.Random, keys: list, counts: Counter):
     return key
 
 
-def _plan_scene(rng: random.Random, counts: dict[str, Counter], families: tuple[str, ...], size: int) -> _Scene:
+def _plan_scene(rng: random.Random, counts: dict[str, Counter], families: tuple[str, ...], size: int,
+                version: int) -> _Scene:
     """Objects with distinct (colour, shape), so a colour + shape names exactly one object.
 
     The scene is built around a count (how many objects share one shape or one colour), balanced over
@@ -250,19 +279,27 @@ def _plan_scene(rng: random.Random, counts: dict[str, Counter], families: tuple[
         if n == 1 or any(a[0] != b[0] and a[1] != b[1] for a in cells for b in cells):
             break
     edges = [round(k * size / GRID) for k in range(GRID + 1)]
+    patch = size // (GRID * PATCHES_PER_CELL)
     objects = []
     for (colour, shape), (row, column) in zip(pairs, cells, strict=True):
         object_size = rng.choice(SIZES)
-        side = round(SIZE_FRACTION[object_size] * size)
-        # A 1 px margin inside the cell keeps objects in neighbouring cells apart.
-        x0 = rng.randint(edges[column] + 1, max(edges[column] + 1, edges[column + 1] - 1 - side))
-        y0 = rng.randint(edges[row] + 1, max(edges[row] + 1, edges[row + 1] - 1 - side))
+        if version == 1:
+            side = round(SIZE_FRACTION[object_size] * size)
+            # A 1 px margin inside the cell keeps objects in neighbouring cells apart.
+            x0 = rng.randint(edges[column] + 1, max(edges[column] + 1, edges[column + 1] - 1 - side))
+            y0 = rng.randint(edges[row] + 1, max(edges[row] + 1, edges[row + 1] - 1 - side))
+        else:
+            block = BLOCK[object_size]
+            side = block * patch - 1
+            x0 = edges[column] + rng.randint(0, PATCHES_PER_CELL - block) * patch + 1
+            y0 = edges[row] + rng.randint(0, PATCHES_PER_CELL - block) * patch + 1
         objects.append(_Object(colour, shape, object_size, (row, column), (x0, y0, x0 + side - 1, y0 + side - 1)))
     return _Scene(families, tuple(objects), kind, value)
 
 
-def _render(objects: tuple[_Object, ...], size: int, rng: np.random.Generator) -> Image.Image:
-    """Grey background with faint stripes (half the images) and low-contrast speckles, then the objects."""
+def _render(objects: tuple[_Object, ...], size: int, rng: np.random.Generator, version: int) -> Image.Image:
+    """Grey background with faint stripes (half the images) and low-contrast speckles, clutter from
+    version 2 on, then the objects."""
     base = rng.integers(100, 157) + rng.integers(-8, 9, size=3)  # a grey with a faint tint
     pixels = np.empty((size, size, 3), dtype=np.int16)
     pixels[:] = base
@@ -275,16 +312,57 @@ def _render(objects: tuple[_Object, ...], size: int, rng: np.random.Generator) -
     pixels[ys, xs] += rng.integers(-30, 31, size=(speckles, 1), dtype=np.int16)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    if version >= 2:
+        _draw_clutter(draw, size, base, rng)
     for o in objects:
-        x0, y0, x1, y1 = o.bbox
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse(o.bbox, fill=fill)
-        elif o.shape == "square":
-            draw.rectangle(o.bbox, fill=fill)
-        else:
-            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+        _draw_shape(draw, o.shape, o.bbox, COLOURS[o.colour])
     return image
+
+
+def _draw_clutter(draw: ImageDraw.ImageDraw, size: int, base: np.ndarray, rng: np.random.Generator) -> None:
+    """Low-saturation distractors anywhere (objects are drawn over them): blobs, bars and strokes in
+    greys darker or lighter than the background, each with a faint tint, none of them a named object."""
+    for _ in range(int(rng.integers(CLUTTER_ITEMS[0], CLUTTER_ITEMS[1] + 1))):
+        kind = int(rng.integers(0, 3))
+        grey = int(base.mean()) + int(rng.choice([-1, 1])) * int(rng.integers(20, 56))
+        fill = tuple(int(v) for v in np.clip(grey + rng.integers(-10, 11, size=3), 0, 255))
+        x0, y0 = (int(v) for v in rng.integers(0, size, size=2))
+        w, h = (int(v) for v in rng.integers(3, 13, size=2))
+        if kind == 0:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=fill)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x0 + w, y0 + max(1, h // 4)), fill=fill)
+        else:
+            draw.line((x0, y0, x0 + int(rng.integers(-12, 13)), y0 + int(rng.integers(-12, 13))), fill=fill,
+                      width=int(rng.integers(1, 3)))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, bbox: tuple[int, int, int, int], fill) -> None:
+    x0, y0, x1, y1 = bbox
+    if shape == "circle":
+        draw.ellipse(bbox, fill=fill)
+    elif shape == "square":
+        draw.rectangle(bbox, fill=fill)
+    else:
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+
+
+def object_patches(scene: str, image_size: int, side: int) -> np.ndarray:
+    """[side, side]: which object covers each patch of a side x side patch grid, as 1 + its index in the
+    scene JSON, 0 for background. A patch is covered when at least an eighth of its pixels are the
+    object's (drawn as `generate_split` draws it); an image_size-px image's patches are image_size/side px."""
+    if image_size % side:
+        raise ShortLVLMError(f"a {image_size} px image does not split into {side} x {side} whole patches.")
+    patch = image_size // side
+    owner = np.zeros((side, side), dtype=np.int64)
+    most = np.zeros((side, side), dtype=np.int64)
+    for k, o in enumerate(json.loads(scene)):
+        mask = Image.new("L", (image_size, image_size))
+        _draw_shape(ImageDraw.Draw(mask), o["shape"], tuple(o["bbox"]), 1)
+        pixels = np.asarray(mask, dtype=np.int64).reshape(side, patch, side, patch).sum(axis=(1, 3))
+        take = (pixels * 8 >= patch * patch) & (pixels > most)
+        owner[take], most[take] = k + 1, pixels[take]
+    return owner
 
 
 def _ask_existence(rng: random.Random, scene: _Scene, counts: dict[str, Counter], popular: list) -> dict:

@@ -13,7 +13,8 @@ so that drift on a shared machine hits every shape alike (`replicas: N` gives ea
 their own GPUs or CPU cores, that share the requests). Tables and plots are written by `tables.write_tables`,
 with intervals and paired tests; they name checkpoints relative to the results directory. The visual-token axis
 (`token_fraction`, the fraction of each image's tokens kept, 1 = all) changes no checkpoint: the arm's server gets
-the budget through `--hf-overrides`.
+the budget through `--hf-overrides`, and with it
+the selection (`token_selection`: visionzip, or random for a test arm of the same budget).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ log = logging.getLogger(__name__)
 
 _SCP = CompensationSettings()
 # The compensate axis takes "none", "scp" (the default pairing and target) or "scp/PAIRING/TARGET".
-AXES = ("ratio", "localize", "compensate", "quantize", "token_fraction", "seed")
+AXES = ("ratio", "localize", "compensate", "quantize", "token_fraction", "token_selection", "seed")
 ARM_DEFAULTS = {"ratio": 0.0, "localize": "tis", "compensate": "scp", "quantize": "none", "token_fraction": 1.0,
-                "seed": 0}
+                "token_selection": "visionzip", "seed": 0}
 SCORERS = ("vllm", "transformers")
 THROUGHPUT_DEFAULTS = {"num_prompts": 64, "concurrency": 16, "output_len": 16, "repeats": 3, "per": "shape"}
 
@@ -55,6 +56,7 @@ class Arm:
     compensate: str
     quantize: str
     token_fraction: float = 1.0  # fraction of each image's visual tokens kept (K is `visual_tokens(N)`)
+    token_selection: str = "visionzip"  # which K: serving.visual_tokens.SELECTIONS
     seed: int = 0  # --localize random's seed (0 for every other localizer)
     scp_pairing: str = _SCP.pairing  # SCP's settings (the defaults for every other compensation)
     scp_target: str = _SCP.target
@@ -79,7 +81,10 @@ class Arm:
     @property
     def name(self) -> str:
         name = self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
-        return name if self.token_fraction == 1 else f"{name}+tokens-{round(self.token_fraction * 100)}%"
+        if self.token_fraction == 1:
+            return name
+        tokens = f"{name}+tokens-{round(self.token_fraction * 100)}%"
+        return tokens if self.token_selection == "visionzip" else f"{tokens}-{self.token_selection}"
 
     def visual_tokens(self, num_tokens: int) -> int:
         """K for an image of `num_tokens` tokens."""
@@ -150,6 +155,8 @@ def load_config(path: str | Path) -> MatrixConfig:
     replicas = raw.get("replicas", 1)
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ShortLVLMError(f"{path}: replicas {replicas!r} must be a whole number of servers per arm, at least 1.")
+    from shortlvlm_vllm.serving.visual_tokens import SELECTIONS
+
     axes = {axis: _as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES}
     arms = list(dict.fromkeys(_normalise(Arm(**dict(zip(AXES, values, strict=True))))
                               for values in itertools.product(*axes.values())))
@@ -159,6 +166,9 @@ def load_config(path: str | Path) -> MatrixConfig:
         if not 0 < arm.token_fraction <= 1:
             raise ShortLVLMError(f"{path}: token_fraction {arm.token_fraction} must be in (0, 1]: the fraction of "
                                  f"visual tokens kept.")
+        if arm.token_selection not in SELECTIONS:
+            raise ShortLVLMError(f"{path}: token_selection {arm.token_selection!r} is unknown; use "
+                                 f"{' or '.join(SELECTIONS)}.")
     return MatrixConfig(arms=arms, **raw)
 
 
@@ -168,18 +178,20 @@ def _as_list(value: Any) -> list:
 
 def _normalise(arm: Arm) -> Arm:
     """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget; a seed
-    only matters to the random localizer. "scp/PAIRING/TARGET" on the compensate axis sets SCP's settings."""
+    only matters to the random localizer; an arm that keeps every token has no selection to make.
+    "scp/PAIRING/TARGET" on the compensate axis sets SCP's settings."""
     from shortlvlm_vllm.prune.compensate import PAIRINGS, SCP_TARGETS
 
     fraction = float(arm.token_fraction)
+    selection = str(arm.token_selection) if fraction < 1 else ARM_DEFAULTS["token_selection"]
     if not arm.ratio:
-        return Arm(0.0, "-", "-", str(arm.quantize), fraction)
+        return Arm(0.0, "-", "-", str(arm.quantize), fraction, selection)
     method, *variant = str(arm.compensate).split("/")
     pairing, target = variant if len(variant) == 2 else (_SCP.pairing, _SCP.target)
     if variant and (method != "scp" or len(variant) != 2 or pairing not in PAIRINGS or target not in SCP_TARGETS):
         raise ShortLVLMError(f"compensate {arm.compensate!r}: write none, scp, or scp/PAIRING/TARGET with a pairing "
                              f"of {', '.join(PAIRINGS)} and a target of {', '.join(SCP_TARGETS)}.")
-    return Arm(float(arm.ratio), str(arm.localize), method, str(arm.quantize), fraction,
+    return Arm(float(arm.ratio), str(arm.localize), method, str(arm.quantize), fraction, selection,
                int(arm.seed) if arm.localize == "random" else 0, pairing, target)
 
 
@@ -460,7 +472,7 @@ class Matrix:
         config = json.loads((checkpoint / "config.json").read_text())
         budget = arm.visual_tokens(image_token_count(config))
         kwargs["extra_args"] = [*kwargs.get("extra_args", []), "--hf-overrides",
-                                json.dumps(budget_overrides(config, budget))]
+                                json.dumps(budget_overrides(config, budget, arm.token_selection))]
         return kwargs, budget
 
 

@@ -9,6 +9,10 @@ Training-free: of an image's N patch tokens at the vision tower's feature layer,
 The split follows VisionZip's 54 dominant + 10 contextual of 64: a share of 10/64 contextual, at
 least one as soon as K >= 2 so that the unselected patches are never simply dropped.
 
+`short_lvlm.visual_token_selection: random` swaps the selection for a test arm: K patches drawn uniformly,
+seeded per image by its pixels (`short_lvlm.visual_token_seed`, default 0), so a server gives the same
+choice for the same image whatever it is batched with; it shows what VisionZip's choice is worth.
+
 The same functions serve the vLLM class (vllm_plugin.llava) and the transformers reference, so the
 two differ only in how the vision tower's attention and keys are obtained. K = N keeps every token
 in its original order: callers skip the selection then, and the model is the stock one.
@@ -16,6 +20,7 @@ in its original order: callers skip the selection then, and the model is the sto
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -25,6 +30,7 @@ from shortlvlm_vllm.errors import ShortLVLMError
 CONTEXTUAL_SHARE = 10 / 64
 SUPPORTED_VISION_MODEL_TYPE = "clip_vision_model"
 SUPPORTED_SELECT_STRATEGY = "default"
+SELECTIONS = ("visionzip", "random")
 
 
 def split_budget(budget: int) -> tuple[int, int]:
@@ -78,6 +84,32 @@ def configured_budget(config: Mapping) -> int | None:
     if budget is None:
         return None
     return check_budget(budget, image_token_count(config))
+
+
+def configured_selection(config: Mapping) -> tuple[str, int]:
+    """(selection, seed) from config.json's `short_lvlm`: "visionzip" (the default) or "random"."""
+    section = config.get("short_lvlm") or {}
+    selection = section.get("visual_token_selection", SELECTIONS[0])
+    if selection not in SELECTIONS:
+        raise ShortLVLMError(f"visual_token_selection {selection!r} is unknown; use one of {', '.join(SELECTIONS)}.")
+    seed = section.get("visual_token_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ShortLVLMError(f"visual_token_seed must be a whole number >= 0, got {seed!r}.")
+    return selection, seed
+
+
+def random_visual_tokens(features: torch.Tensor, pixel_values: torch.Tensor, budget: int, seed: int) -> torch.Tensor:
+    """[B, K, C]: K of `features` [B, N, C] drawn uniformly per image, in their original order; each image's
+    draw is seeded by `seed` and its pixels, so the same image always keeps the same tokens."""
+    batch, num_tokens, _ = features.shape
+    check_budget(budget, num_tokens)
+    out = []
+    for b in range(batch):
+        digest = hashlib.sha256(seed.to_bytes(8, "little") + pixel_values[b].float().cpu().numpy().tobytes())
+        generator = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+        keep = torch.randperm(num_tokens, generator=generator)[:budget].sort().values
+        out.append(features[b, keep.to(features.device)])
+    return torch.stack(out)
 
 
 def cls_attention(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -44,14 +44,20 @@ def budget_architecture(config: Mapping, budget: int) -> str:
     return architecture
 
 
-def budget_overrides(config: Mapping, budget: int) -> dict:
-    """vLLM `--hf-overrides` that serve a checkpoint (config.json as a dict) with `budget` visual tokens.
+def budget_overrides(config: Mapping, budget: int, selection: str | None = None) -> dict:
+    """vLLM `--hf-overrides` that serve a checkpoint (config.json as a dict) with `budget` visual tokens,
+    chosen by `selection` ("visionzip" or "random"; None: as the checkpoint says).
 
     vLLM replaces a dict-valued key as a whole, so the checkpoint's `short_lvlm` section is carried over
-    with only `visual_tokens` changed; `architectures` names the registered class.
+    with only `visual_tokens` (and the selection) changed; `architectures` names the registered class.
     """
-    return {"architectures": [budget_architecture(config, budget)],
-            "short_lvlm": {**(config.get("short_lvlm") or {}), "visual_tokens": budget}}
+    from shortlvlm_vllm.serving.visual_tokens import configured_selection
+
+    section = {**(config.get("short_lvlm") or {}), "visual_tokens": budget}
+    if selection is not None:
+        section["visual_token_selection"] = selection
+        configured_selection({"short_lvlm": section})
+    return {"architectures": [budget_architecture(config, budget)], "short_lvlm": section}
 
 
 def register() -> None:

@@ -2,7 +2,8 @@
 language model (visual_tokens, VisionZip-style), so the prompt holds K placeholders per image.
 
 The budget comes from config.json's `short_lvlm.visual_tokens` (written by `shortlvlm prune
---visual-tokens K`); `--hf-overrides '{"short_lvlm": {"visual_tokens": K}}'` changes it when serving.
+--visual-tokens K`); `--hf-overrides '{"short_lvlm": {"visual_tokens": K}}'` changes it when serving, and
+`short_lvlm.visual_token_selection: random` serves a seeded random choice of K tokens instead (a test arm).
 Without a budget, or with K equal to the image's token count, the class is vLLM's own LLaVA.
 """
 
@@ -26,9 +27,11 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from shortlvlm_vllm.serving.visual_tokens import (
     cls_attention,
     configured_budget,
+    configured_selection,
     image_token_count,
     key_metric,
     key_sums,
+    random_visual_tokens,
     select_visual_tokens,
 )
 from shortlvlm_vllm.serving.vllm_plugin.side_path import attach_side_paths, check_side_paths_loaded, side_path_spec
@@ -57,6 +60,7 @@ class ShortLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = self.config.to_dict()
         self.visual_tokens = configured_budget(config)
         self.selects_tokens = self.visual_tokens is not None and self.visual_tokens < image_token_count(config)
+        self.selection, self.selection_seed = configured_selection(config)
         # config-driven extras (e.g. SCP side paths) are attached here
         side_paths = side_path_spec(config.get("short_lvlm"))
         if side_paths:
@@ -70,6 +74,9 @@ class ShortLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _image_pixels_to_features(self, vision_tower, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.selects_tokens:
             return super()._image_pixels_to_features(vision_tower, pixel_values)
+        if self.selection == "random":
+            features = super()._image_pixels_to_features(vision_tower, pixel_values)
+            return random_visual_tokens(features, pixel_values, self.visual_tokens, self.selection_seed)
         features, attention, keys = feature_layer_outputs(vision_tower.vision_model, pixel_values)
         return select_visual_tokens(features, attention, keys, self.visual_tokens)
 
