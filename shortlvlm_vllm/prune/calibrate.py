@@ -303,7 +303,10 @@ def run_calibration(
         raise ShortLVLMError(f"the calibration batch size must be at least 1, not {batch_size}.")
     text_config = model.config.get_text_config()
     image_token_id = getattr(model.config, adapter.image_token_config_key)
-    pad_token_id = getattr(processor.tokenizer, "pad_token_id", None) or 0  # padding is masked and never read
+    # Padding is masked and never read, but it must not be the image token: the model would count it as one.
+    tokenizer = processor.tokenizer
+    pad_token_id = next(t for t in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id, 0, 1)
+                        if t is not None and t != image_token_id)
     num_layers = len(adapter.decoder_layers(model))
     acc = _Accumulator(num_layers, sorted(candidates), len(samples), text_config.hidden_size)
     recorder = _SampleRecorder(acc, top_p)
