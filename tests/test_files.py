@@ -265,16 +265,18 @@ def test_write_atomic_replaces_a_link_instead_of_writing_through_it(tmp_path):
 def test_matrix_tables_killed_midway_are_each_the_old_or_the_new(tmp_path):
     """results.json is renamed into place, then the kill lands while results.csv is being written."""
     code = HANG_AT_FSYNC + """
-from shortlvlm_vllm.evaluation.matrix import Arm, write_tables
+from shortlvlm_vllm.evaluation.matrix import Arm
+from shortlvlm_vllm.evaluation.tables import write_tables
 from tests.test_matrix import _result
-write_tables([_result(Arm(0.0, "-", "-", "none"), float(sys.argv[3]), 100.0)], __import__("pathlib").Path(sys.argv[2]))
+write_tables([_result(Arm(0.0, "-", "-", "none"), sys.argv[3], (100.0,), "16-layers")],
+             __import__("pathlib").Path(sys.argv[2]))
 """
-    run = subprocess.run([sys.executable, "-c", code, "99", str(tmp_path), "0.5"], cwd=REPO, check=True)
+    run = subprocess.run([sys.executable, "-c", code, "99", str(tmp_path), "1100"], cwd=REPO, check=True)
     assert run.returncode == 0
     old = {name: (tmp_path / name).read_bytes() for name in ("results.json", "results.csv", "results.md")}
-    _kill_when_ready(_child(code, "1", str(tmp_path), "0.75"))
+    _kill_when_ready(_child(code, "1", str(tmp_path), "1110"))
     new = json.loads((tmp_path / "results.json").read_text())
-    assert new[0]["accuracy"]["accuracy"] == 0.75
+    assert new["arms"][0]["accuracy"] == 0.75
     assert (tmp_path / "results.csv").read_bytes() == old["results.csv"]
     assert (tmp_path / "results.md").read_bytes() == old["results.md"]
 

@@ -18,7 +18,10 @@ RECORDED = {
     "drop": "09d2b4301cb4bbf6f8ccc9fc864d12468f0b027bba74612db34ee3f93956a364",
     "tis_scp": "431fdd60dceaf259fda5522ab21df8042873a42346af3e82152f29ab0c796b0c",
     "w4a16": "02e36cba7cb2f08f6e951a09ce006f5705e754d18136474089e53821d98a1e44",
-    "w4a16_side": "818ba6b5d63dce3062636f2bbf60b86cda9f8178349e82e47acdac74b0a68ded",
+    # Re-recorded at the merge of issues 15-20: commit 67c8cf8's successor f503271, run from its own tree on this
+    # machine, writes these bytes too (and the same tensors as today's code); the value recorded before
+    # (818ba6b5...) is reproduced by no commit here, so it came from an environment difference we did not find.
+    "w4a16_side": "85236f9ab9e882e4ddc9b26115fe71bdf0065eba86020a895522102aacacef69",
     "tokens": "c8be903098bb9874669799a3032958cbbdca41273dfcd5a42674317a5de2363a",
 }
 

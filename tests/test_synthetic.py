@@ -31,13 +31,13 @@ from shortlvlm_vllm.data.synthetic import (
 )
 from shortlvlm_vllm.errors import ShortLVLMError
 
-SMALL = SyntheticConfig(train_images=40, calib_images=20, test_images=30)
+SMALL = SyntheticConfig(version=2, train_images=40, calib_images=20, test_images=30)
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
     """Enough questions for balance checks: 600 images, so 600 questions per family and 200 per POPE setting."""
-    return generate_split("test", SyntheticConfig(test_images=600, seed=3))
+    return generate_split("test", SyntheticConfig(version=2, test_images=600, seed=3))
 
 
 def png(image) -> bytes:
@@ -65,7 +65,7 @@ def test_same_seed_gives_identical_bytes_and_fields():
 
 def test_different_seed_gives_different_images_and_questions():
     first = comparable(generate_split("train", SMALL))
-    other = comparable(generate_split("train", SyntheticConfig(train_images=40, seed=1)))
+    other = comparable(generate_split("train", SyntheticConfig(version=2, train_images=40, seed=1)))
     assert {r["image"] for r in first}.isdisjoint(r["image"] for r in other)
     assert [r["question"] for r in first] != [r["question"] for r in other]
 
@@ -93,7 +93,7 @@ def test_every_image_gets_one_question_per_family(rows):
 
 
 def test_fewer_questions_per_image_rotate_over_families():
-    rows = generate_split("train", SyntheticConfig(train_images=50, questions_per_image=2))
+    rows = generate_split("train", SyntheticConfig(version=2, train_images=50, questions_per_image=2))
     assert Counter(r["family"] for r in rows) == {family: 20 for family in FAMILIES}
     assert len({r["id"] for r in rows}) == len(rows)
 
@@ -250,7 +250,7 @@ def test_write_synthetic_reads_back(tmp_path):
         assert isinstance(sample.image_ref, Path) and sample.load_image().size == (72, 72)
     with pytest.raises(ShortLVLMError, match="already exists"):
         write_synthetic(out, SMALL)
-    write_synthetic(out, SyntheticConfig(train_images=5, calib_images=5, test_images=5), overwrite=True)
+    write_synthetic(out, SyntheticConfig(version=2, train_images=5, calib_images=5, test_images=5), overwrite=True)
     assert datasets.load_from_disk(str(out / "dataset"))["train"].num_rows == 25
 
 
@@ -275,8 +275,9 @@ def test_version_1_test_split_is_unchanged():
     assert split_digest(rows) == VERSION_1_TEST_SPLIT
 
 
-def test_version_2_is_the_default_and_differs_from_version_1():
-    assert SyntheticConfig() == SyntheticConfig(version=2, image_size=72)
+def test_version_1_is_the_default_until_a_version_2_toy_ships_and_differs_from_version_2():
+    assert SyntheticConfig() == SyntheticConfig(version=1, image_size=64)
+    assert SyntheticConfig(version=2).image_size == 72
     assert SyntheticConfig(version=1).image_size == 64
     v1, v2 = (generate_split("test", SyntheticConfig(version=v, test_images=20)) for v in (1, 2))
     assert [r["family"] for r in v1] == [r["family"] for r in v2]  # same families, same API
@@ -288,7 +289,7 @@ def test_version_2_objects_cover_a_minority_of_the_patches_and_the_rest_is_clutt
     one on 2 x 2; background patches vary (clutter), so they are neither empty nor all alike."""
     import numpy as np
 
-    rows = generate_split("test", SyntheticConfig(test_images=200))
+    rows = generate_split("test", SyntheticConfig(version=2, test_images=200))
     images = list({r["image_id"]: r for r in rows}.values())
     covered, spans, background_spread = [], [], []
     for r in images:
@@ -314,7 +315,7 @@ def test_object_patches_needs_whole_patches():
 
 
 @pytest.mark.parametrize("bad", [
-    {"version": 3}, {"image_size": 16}, {"image_size": 64}, {"seed": -1}, {"train_images": 0},
+    {"version": 3}, {"image_size": 16}, {"version": 2, "image_size": 64}, {"seed": -1}, {"train_images": 0},
     {"questions_per_image": 0}, {"questions_per_image": 6},
 ])
 def test_config_rejects_bad_values(bad):

@@ -47,7 +47,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rows():
-    return with_training_turns(generate_split("test", SyntheticConfig(test_images=60)))
+    return with_training_turns(generate_split("test", SyntheticConfig(version=2, test_images=60)))
 
 
 def test_every_word_of_the_set_is_one_known_token(tokenizer, rows):
@@ -157,7 +157,7 @@ def test_a_packed_row_computes_exactly_its_single_turn_prompts(tokenizer, rows):
 def test_untrained_model_scores_near_chance(tokenizer):
     """The benchmark cannot be passed without looking: an untrained model is at or below chance."""
     model, processor = make_llava(tokenizer, num_layers=2, hidden_size=128, image_size=48, patch_size=16)
-    rows = generate_split("test", SyntheticConfig(test_images=100))
+    rows = generate_split("test", SyntheticConfig(version=2, test_images=100))
     split = encode_split(rows, tokenizer, processor.image_processor, image_tokens=9)
     result = answer_accuracy(model, split, tokenizer.pad_token_id)
     assert set(result) == {*FAMILIES, "overall"}
@@ -196,7 +196,7 @@ def test_vision_warm_up_teaches_the_tower_what_each_patch_holds(tokenizer):
     config = ToyTrainingConfig(vision_warmup_steps=60, vision_warmup_batch_size=32)
     model, processor = make_llava(tokenizer, num_layers=1, hidden_size=128, vision_hidden_size=128, vision_layers=2,
                                   image_size=72, patch_size=8)
-    data = SyntheticConfig(train_images=300, test_images=100)
+    data = SyntheticConfig(version=2, train_images=300, test_images=100)
     train, test = (generate_split(split, data) for split in ("train", "test"))
     pixels = [encode_split(r, tokenizer, processor.image_processor, 81).pixels for r in (train, test)]
     _, accuracy = warm_up_vision(model, config, (pixels[0], vision_targets(train, 72, 9)),

@@ -32,6 +32,7 @@ from typing import Any
 
 from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.evaluation.tables import compensation_name
 from shortlvlm_vllm.files import check_apart, portable_name, protected_paths, write_atomic
 from shortlvlm_vllm.prune.compensate import CompensationSettings
 from shortlvlm_vllm.prune.recipe import PruneRecipe
@@ -64,9 +65,7 @@ class Arm:
     @property
     def compensation_name(self) -> str:
         """"scp" with the default pairing and target, else "scp/PAIRING/TARGET"; other compensations by name."""
-        if self.compensate != "scp" or (self.scp_pairing, self.scp_target) == (_SCP.pairing, _SCP.target):
-            return self.compensate
-        return f"scp/{self.scp_pairing}/{self.scp_target}"
+        return compensation_name(asdict(self))
 
     @property
     def localize_name(self) -> str:

@@ -52,9 +52,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def compensation_name(result: dict) -> str:
-    from shortlvlm_vllm.evaluation.matrix import _arm_of
+    """"scp" with the default pairing and target, else "scp/PAIRING/TARGET"; other compensations by name (an arm's
+    fields or its result)."""
+    from shortlvlm_vllm.prune.compensate import CompensationSettings
 
-    return _arm_of(result).compensation_name
+    default = CompensationSettings()
+    pairing, target = result.get("scp_pairing", default.pairing), result.get("scp_target", default.target)
+    if result["compensate"] != "scp" or (pairing, target) == (default.pairing, default.target):
+        return result["compensate"]
+    return f"scp/{pairing}/{target}"
 
 
 def _setting(result: dict) -> tuple:

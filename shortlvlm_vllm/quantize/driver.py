@@ -148,7 +148,8 @@ def quantize_checkpoint(
     calibration = None
     if recipe.method != "rtn":
         calibration = asdict(recipe.calibration)
-        del calibration["heldout"]
+        for unused in ("heldout", "batch_size"):  # settings of the prune's calibration pass
+            del calibration[unused]
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     # llm-compressor's own output goes beside the destination (same disk), and is gone once renamed into it.

@@ -49,10 +49,10 @@ def run(spec: dict) -> None:
     started = time.monotonic()
     samples = None
     if spec["calibration"] is not None:  # first: a bad calibration source fails before the heavy imports
-        from shortlvlm_vllm.data.calibration import load_calibration
+        from shortlvlm_vllm.data.calibration import CalibrationSource
 
-        options = dict(spec["calibration"])
-        samples = load_calibration(options.pop("source"), **options)
+        source = CalibrationSource(**spec["calibration"])
+        samples = source.load(source.num_samples)
     llmcompressor = _import_llmcompressor()
     import compressed_tensors
     import torch

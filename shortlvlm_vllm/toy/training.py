@@ -437,7 +437,8 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
     )
     image_tokens = model.config.image_seq_length
     side = config.image_size // config.patch_size
-    data = SyntheticConfig(seed=config.seed, train_images=config.train_images, image_size=config.scene_size)
+    data = SyntheticConfig(version=2, seed=config.seed, train_images=config.train_images,
+                           image_size=config.scene_size)
     started = time.perf_counter()
     train_rows = generate_split("train", data)
     train = encode_split(with_training_turns(train_rows), tokenizer, processor.image_processor, image_tokens)
