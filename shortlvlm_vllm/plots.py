@@ -46,18 +46,9 @@ def plot_feature_gap(gaps: Sequence[tuple[str, object, object, object]], title: 
                                                ("kept layer, compensated", "tab:blue"))):
             chunk = xy[part * n:(part + 1) * n]
             ax.scatter(chunk[:, 0], chunk[:, 1], s=10, alpha=0.7, c=colour, label=name, lw=0)
-        ax.set_title(label, fontsize=8)
-        ax.set_xlabel("PC 1", fontsize=7)
-        ax.set_ylabel("PC 2", fontsize=7)
-        ax.tick_params(labelsize=6)
-        ax.grid(alpha=0.3)
-    for ax in flat[len(gaps):]:
-        ax.axis("off")
-    handles, labels = flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+        _label_panel(ax, label, "PC 1", "PC 2", 8, 7, 6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    return _png(fig, layout=False)
+    return _finish_panels(fig, flat, len(gaps), bottom=0.05, top=0.97)
 
 
 def plot_accuracy_vs_throughput(rows: Sequence[Mapping], speeds: Sequence[Mapping], max_labels: int = 24) -> bytes:
@@ -128,16 +119,26 @@ def plot_accuracy_by_ratio(rows: Sequence[Mapping], seeds: Sequence[Mapping], gr
                             color=line.get_color(), alpha=0.15, lw=0)
         if full is not None:
             ax.axhline(100 * full[key], color="black", lw=0.8, ls="--", label="full model")
-        ax.set_title(name if name != "accuracy" else "overall (95% intervals)", fontsize=9)
-        ax.set_xlabel("decoder layers pruned (%)", fontsize=8)
-        ax.set_ylabel("accuracy %", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in flat[len(names):]:
+        _label_panel(ax, name if name != "accuracy" else "overall (95% intervals)", "decoder layers pruned (%)",
+                     "accuracy %", 9, 8, 7)
+    return _finish_panels(fig, flat, len(names), bottom=0.08, top=1)
+
+
+def _label_panel(ax, title: str, xlabel: str, ylabel: str, title_size: int, label_size: int, tick_size: int) -> None:
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xlabel(xlabel, fontsize=label_size)
+    ax.set_ylabel(ylabel, fontsize=label_size)
+    ax.tick_params(labelsize=tick_size)
+    ax.grid(alpha=0.3)
+
+
+def _finish_panels(fig, flat, used: int, *, bottom: float, top: float) -> bytes:
+    """A grid of panels: the unused ones hidden, one legend (the first panel's) under them, as PNG bytes."""
+    for ax in flat[used:]:
         ax.axis("off")
     handles, labels = flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, top))
     return _png(fig, layout=False)
 
 

@@ -42,12 +42,16 @@ class LongSynthetic(Synthetic):
         return super().load(source, limit, seed)
 
 
+def _serve(tiny_llava, tmp_path_factory, log_name: str):
+    log_path = tmp_path_factory.mktemp("logs") / log_name
+    # Starts have taken 6 and restarts over 10 minutes while other jobs held both cores: generous limits.
+    return VLLMServer(tiny_llava, log_path=log_path, dtype="float32", served_model_name=MODEL, startup_timeout=1500,
+                      extra_args=["--limit-mm-per-prompt", '{"image": 1}'])
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llava, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
-    # Starts have taken 6 and restarts over 10 minutes while other jobs held both cores: generous limits.
-    with VLLMServer(tiny_llava, log_path=log_path, dtype="float32", served_model_name=MODEL, startup_timeout=1500,
-                    extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
+    with _serve(tiny_llava, tmp_path_factory, "vllm.log") as running:
         yield running
 
 
@@ -86,9 +90,7 @@ def test_throughput_does_the_requested_work(endpoint):
 @pytest.fixture(scope="module")
 def replica(tiny_llava, tmp_path_factory):
     """A second server of the same checkpoint under the same name: a data-parallel replica."""
-    log_path = tmp_path_factory.mktemp("logs") / "replica.log"
-    with VLLMServer(tiny_llava, log_path=log_path, dtype="float32", served_model_name=MODEL, startup_timeout=1500,
-                    extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as running:
+    with _serve(tiny_llava, tmp_path_factory, "replica.log") as running:
         yield running
 
 
