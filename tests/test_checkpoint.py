@@ -171,6 +171,20 @@ def test_streaming_peak_memory_is_far_below_model_size(tmp_path, tiny_llava, mon
     assert peak < model_bytes / 5, (peak, model_bytes)
 
 
+def test_copy_without_copy_file_range_writes_the_same_bytes(tmp_path, tiny_llava, monkeypatch):
+    """Where the kernel cannot copy between the files (another file system), the buffered copy writes the same."""
+    src = open_checkpoint(tiny_llava)
+    kernel = write_pruned_checkpoint(src, tmp_path / "kernel", DROPPED)
+
+    def unsupported(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(safetensors_io.os, "copy_file_range", unsupported)
+    monkeypatch.setattr(safetensors_io, "CHUNK_BYTES", 64 << 10)
+    buffered = write_pruned_checkpoint(src, tmp_path / "buffered", DROPPED)
+    assert (buffered / "model.safetensors").read_bytes() == (kernel / "model.safetensors").read_bytes()
+
+
 def test_replaced_tensors_are_written_and_checked(tmp_path, tiny_llava):
     src = open_checkpoint(tiny_llava)
     name = LAYER.format(4, "mlp.down_proj.weight")

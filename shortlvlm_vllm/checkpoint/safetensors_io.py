@@ -8,6 +8,7 @@ exactly, which is what checkpoint surgery needs.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -145,13 +146,18 @@ def write_shard(
 
 
 def _copy_range(info: TensorInfo, out: BinaryIO, on_bytes: Callable[[int], None]) -> None:
-    remaining = info.end - info.start
+    """Copy a tensor's bytes in the kernel (copy_file_range, as `cp` does), through a buffer where it cannot."""
+    out.flush()
+    position, end = info.start, info.end
     with open(info.file, "rb") as src:
-        src.seek(info.start)
-        while remaining:
-            chunk = src.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
+        while position < end:
+            try:
+                copied = os.copy_file_range(src.fileno(), out.fileno(), min(CHUNK_BYTES, end - position), position)
+            except OSError:  # across file systems on some kernels, or a file system without it
+                src.seek(position)
+                copied = out.write(src.read(min(CHUNK_BYTES, end - position)))
+                out.flush()
+            if not copied:
                 raise ShortLVLMError(f"weight file {info.file} ended early while copying {info.name}.")
-            out.write(chunk)
-            remaining -= len(chunk)
-            on_bytes(len(chunk))
+            position += copied
+            on_bytes(copied)
