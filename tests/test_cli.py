@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shortlvlm_vllm.cli import main
@@ -46,6 +48,21 @@ def test_serve_with_tensor_parallelism_binds_one_share_of_the_cores_per_worker(m
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     main(["serve", str(tmp_path), "--pipeline-parallel-size", "2"])
     assert seen["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_pipeline_parallel_on_cpu_runs_the_warm_up_that_eager_mode_skips(monkeypatch):
+    """vLLM's CPU runner allocates a later stage's input buffer only in its warm-up (see EAGER_PIPELINE_ON_CPU)."""
+    from shortlvlm_vllm.serving.launcher import EAGER_PIPELINE_ON_CPU, server_command
+
+    monkeypatch.setattr("shortlvlm_vllm.serving.launcher.has_cuda", lambda: False)
+    pipeline = server_command("m", pipeline_parallel_size=2)
+    at = pipeline.index("--compilation-config")
+    assert "--enforce-eager" not in pipeline and pipeline[at:at + 2] == EAGER_PIPELINE_ON_CPU
+    assert json.loads(pipeline[at + 1]) == {"mode": 2, "backend": "eager"}
+    assert "--enforce-eager" in server_command("m") and "--compilation-config" not in server_command("m")
+    monkeypatch.setattr("shortlvlm_vllm.serving.launcher.has_cuda", lambda: True)
+    assert "--compilation-config" not in server_command("m", pipeline_parallel_size=2)
+    assert "--enforce-eager" in server_command("m", pipeline_parallel_size=2, enforce_eager=True)
 
 
 def test_placement_of_replicas(monkeypatch):

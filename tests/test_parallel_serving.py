@@ -145,8 +145,6 @@ def test_side_paths_apply_with_a_lora_adapter(tensor_parallel, references):
     assert [a[1] for a in answers[ADAPTER]] != [a[1] for a in answers[MODEL]], "the adapter changed no answer"
 
 
-@pytest.mark.xfail(reason="known failure, issue 16 open: in the merged suite of 2026-12-02 the PP=2 server answered "
-                   "500 (EngineCore encountered an issue) on the CPU build; not yet diagnosed", strict=False)
 def test_pipeline_parallel_with_an_uneven_split(pipeline_parallel, references):
     answers, log = pipeline_parallel
     assert "Hidden layers were unevenly partitioned: [3,2]" in log

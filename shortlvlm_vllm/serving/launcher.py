@@ -36,6 +36,13 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# vLLM 0.32's CPU runner allocates the buffer a later pipeline stage receives its input in only during its warm-up,
+# which eager mode skips (CPUModelRunner.warming_up_model returns at compilation mode NONE): the first request then
+# fails `assert self.intermediate_tensors is not None` (sync_and_gather_intermediate_tensors) and the engine dies
+# (HTTP 500). Traced once by dynamo and run by the eager backend, the warm-up runs and nothing is compiled.
+EAGER_PIPELINE_ON_CPU = ["--compilation-config", '{"mode": 2, "backend": "eager"}']
+
+
 def server_command(
     model: str | Path,
     *,
@@ -70,7 +77,7 @@ def server_command(
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if enforce_eager if enforce_eager is not None else not has_cuda():
-        cmd.append("--enforce-eager")
+        cmd += EAGER_PIPELINE_ON_CPU if pipeline_parallel_size > 1 and not has_cuda() else ["--enforce-eager"]
     return cmd + policy_args(policy, extra_args) + list(extra_args)
 
 
