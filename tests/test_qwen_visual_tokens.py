@@ -133,3 +133,19 @@ def test_prune_writes_a_qwen_budget_and_serving_adds_the_switch(tiny_qwen2_vl, t
     given = server_command(out, extra_args=[MROPE_RECOMPUTE_ARGS[0], "0.2"])
     assert given.count(MROPE_RECOMPUTE_ARGS[0]) == 1 and given[-1] == "0.2"
     assert MROPE_RECOMPUTE_ARGS[0] not in server_command(tiny_qwen2_vl)
+
+
+def test_register_turns_on_the_cpu_runners_pruning_path_once():
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    from shortlvlm_vllm.serving.vllm_plugin import register
+    from shortlvlm_vllm.serving.vllm_plugin.cpu_runner import PATCHED
+
+    register()
+    wrapped = CPUModelRunner.load_model
+    register()
+    assert CPUModelRunner.load_model is wrapped
+    assert getattr(wrapped, PATCHED, False) == current_platform.is_cpu()
+    if current_platform.is_cpu():
+        assert not getattr(wrapped.__wrapped__, PATCHED, False)  # wrapped once, around vLLM's own

@@ -81,13 +81,19 @@ def budget_overrides(config: Mapping, budget: int, selection: str | None = None)
 
 def register() -> None:
     """Register the classes with vLLM's ModelRegistry, the reference models' configs with transformers (vLLM reads
-    config.json through AutoConfig), and their chat templates as vLLM's fallbacks; calling it again changes nothing."""
+    config.json through AutoConfig), and their chat templates as vLLM's fallbacks, and on CPU turn on vLLM's
+    multimodal pruning path as its GPU runner does (cpu_runner); calling it again changes nothing."""
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
     from vllm.transformers_utils.chat_templates import registry as chat_templates_registry
 
     from shortlvlm_vllm.models import chat_templates, register_with_transformers
 
     register_with_transformers()
+    if current_platform.is_cpu():
+        from shortlvlm_vllm.serving.vllm_plugin.cpu_runner import enable_multimodal_pruning_on_cpu
+
+        enable_multimodal_pruning_on_cpu()  # the Qwen classes' budget needs it (see cpu_runner)
     for model_type, path in chat_templates().items():
         if chat_templates_registry.get_chat_template_fallback_path(model_type, "") != path:
             chat_templates_registry.register_chat_template_fallback_path(model_type, path)
