@@ -13,7 +13,14 @@ from transformers import LlavaForConditionalGeneration
 
 from shortlvlm_vllm.adapters.llava import LLAVA
 from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
-from shortlvlm_vllm.serving.visual_tokens import key_metric, key_sums, select_visual_tokens
+from shortlvlm_vllm.serving.visual_tokens import (
+    keep_most_attended,
+    key_metric,
+    key_sums,
+    merge_group_scores,
+    received_attention,
+    select_visual_tokens,
+)
 from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY, attach_side_paths
 
 LAYER = "language_model.model.layers."
@@ -71,6 +78,57 @@ def reference_generate(model, processor, image, question: str, budget: int | Non
                          return_dict_in_generate=True)
     return len(ids), out.sequences[0, -new_tokens:].tolist(), [logits[0].topk(TOP).indices.tolist()
                                                               for logits in out.logits]
+
+
+@torch.no_grad()
+def qwen_reference_generate(model, processor, image, question: str, budget: int | None, new_tokens: int):
+    """transformers' Qwen2-VL / Qwen2.5-VL with the same visual-token selection: the attention each patch receives
+    in the last vision block, recomputed from that block's input with transformers' own projection and rotary
+    embedding; then the kept merged tokens in min(K, N) placeholders, every token at its position in the full prompt
+    (transformers' get_rope_index); budget None: every token. Greedy decoding by hand, each step at the next position.
+
+    Returns the prompt length, the greedy tokens and each step's top-5 token ids."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    text = processor.apply_chat_template([template_image_turn(question)], add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    ids, grid_thw = inputs["input_ids"][0], inputs["image_grid_thw"]
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=grid_thw)
+    visual = model.model.visual
+    captured = {}
+    hook = visual.blocks[-1].attn.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(hidden=args[0], **kwargs), with_kwargs=True)
+    merged = visual(inputs["pixel_values"], grid_thw=grid_thw).pooler_output
+    hook.remove()
+    attn = visual.blocks[-1].attn
+    hidden = captured["hidden"]
+    query, key, _ = attn.qkv(hidden).reshape(len(hidden), 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    query, key = apply_rotary_pos_emb_vision(query, key, *captured["position_embeddings"])
+    merge_size = visual.spatial_merge_size
+    scores = merge_group_scores(received_attention(query, key, captured["cu_seqlens"]), merge_size**2)
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: the blocks ran in window order
+        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        scores = scores[torch.argsort(window_index)]
+    image_slots = (ids == model.config.image_token_id).nonzero()[:, 0]
+    kept = keep_most_attended(scores, budget if budget is not None else len(scores))
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[image_slots] = False
+    keep[image_slots[kept]] = True
+    ids, positions = ids[keep], positions[:, :, keep]
+    embeds = model.get_input_embeddings()(ids).clone()
+    embeds[ids == model.config.image_token_id] = merged[kept]
+    out = model(inputs_embeds=embeds[None], position_ids=positions, use_cache=True)
+    tokens, top = [], []
+    for step in range(new_tokens):
+        logits = out.logits[0, -1]
+        tokens.append(int(logits.argmax()))
+        top.append(logits.topk(TOP).indices.tolist())
+        position = torch.full((3, 1, 1), int(positions.max()) + 1 + step)
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), position_ids=position, past_key_values=out.past_key_values,
+                    use_cache=True)
+    return len(ids), tokens, top
 
 
 def served_answers(base_url: str, api_key: str, model: str, prompts, new_tokens: int):

@@ -19,7 +19,7 @@ from shortlvlm_vllm.prune.drift import Drift, FeatureGap, feature_gaps, measure_
 from shortlvlm_vllm.prune.localize import LOCALIZERS, LayerStatistics, layers_to_prune, localize
 from shortlvlm_vllm.prune.recipe import RECIPE_NAME, PruneRecipe, check_recipe
 from shortlvlm_vllm.quantize.dequantize import dequantized_copy
-from shortlvlm_vllm.serving.visual_tokens import image_token_count
+from shortlvlm_vllm.serving.visual_tokens import budget_limit
 from shortlvlm_vllm.serving.vllm_plugin import budget_architecture, side_path
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def _record(src: SourceCheckpoint, recipe: PruneRecipe, plan: PrunePlan) -> dict
         record["seed"] = recipe.seed
     if recipe.visual_tokens is not None:
         record["visual_tokens"] = recipe.visual_tokens
-        record["image_tokens"] = image_token_count(src.config)
+        record["image_tokens"] = budget_limit(src.config)  # None: it varies with the image (Qwen2-VL)
     if plan.statistics is not None:
         record["calibration"] = asdict(recipe.calibration) | {"num_samples_used": plan.statistics.num_samples}
     if plan.drift:

@@ -61,6 +61,8 @@ def server_command(
     """The vLLM OpenAI server command line; enforce_eager=None means "on when there is no GPU".
 
     policy: the safety settings (ServingPolicy's defaults unless given); a binding the policy refuses is an error.
+    A local checkpoint whose config.json names one of the plugin's classes gets the arguments that class needs
+    (vllm_plugin.serving_args), unless extra_args already sets them.
     """
     policy = policy or ServingPolicy()
     check_binding(host, api_key, policy.insecure)
@@ -78,7 +80,18 @@ def server_command(
         cmd += ["--max-model-len", str(max_model_len)]
     if enforce_eager if enforce_eager is not None else not has_cuda():
         cmd += EAGER_PIPELINE_ON_CPU if pipeline_parallel_size > 1 and not has_cuda() else ["--enforce-eager"]
-    return cmd + policy_args(policy, extra_args) + list(extra_args)
+    return cmd + policy_args(policy, extra_args) + class_args(model, extra_args) + list(extra_args)
+
+
+def class_args(model: str | Path, extra_args: Sequence[str] = ()) -> list[str]:
+    """What the registered class a local checkpoint names needs from vLLM's command line, less what extra_args sets."""
+    from shortlvlm_vllm.serving.vllm_plugin import serving_args
+
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        return []
+    args = serving_args(json.loads(config_path.read_text()))
+    return [] if args and _given(extra_args, args[0]) else args
 
 
 def server_env(policy: ServingPolicy | None = None, extra_args: Sequence[str] = ()) -> dict[str, str]:

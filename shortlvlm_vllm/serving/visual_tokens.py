@@ -16,12 +16,19 @@ choice for the same image whatever it is batched with; it shows what VisionZip's
 The same functions serve the vLLM class (vllm_plugin.llava) and the transformers reference, so the
 two differ only in how the vision tower's attention and keys are obtained. K = N keeps every token
 in its original order: callers skip the selection then, and the model is the stock one.
+
+Qwen2-VL and Qwen2.5-VL (vllm_plugin.qwen_vl) have no [CLS] token, and an image's token count N varies with its
+size: each image keeps min(K, N) of its merged tokens (after the patch merger), those that receive the most
+attention in the vision tower's last block (received_attention: the softmax over the image's patches, averaged
+over its queries, summed over all heads, then summed over each merge group's patches), in their original order.
+Every kept token keeps its own M-RoPE position (t, h, w) and the text after the image keeps its own too: the
+pruned prompt is the full prompt with the dropped tokens taken out (prompt_mrope_positions).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -31,6 +38,9 @@ CONTEXTUAL_SHARE = 10 / 64
 SUPPORTED_VISION_MODEL_TYPE = "clip_vision_model"
 SUPPORTED_SELECT_STRATEGY = "default"
 SELECTIONS = ("visionzip", "random")
+QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# received_attention scores this many queries at a time: bounded memory for images of thousands of patches
+QUERY_CHUNK = 1024
 
 
 def split_budget(budget: int) -> tuple[int, int]:
@@ -62,15 +72,22 @@ def image_token_count(config: Mapping) -> int:
     return (vision["image_size"] // vision["patch_size"]) ** 2
 
 
-def check_budget(budget: int, num_tokens: int) -> int:
-    """K itself, once it is known to be between 1 and the image's N tokens."""
+def budget_limit(config: Mapping) -> int | None:
+    """The most tokens a budget may name for this config.json: LLaVA's N; None for Qwen2-VL / Qwen2.5-VL, whose
+    token count varies with the image's size (each image keeps min(K, its N), so any K >= 1 fits)."""
+    if config.get("model_type") in QWEN_VL_MODEL_TYPES:
+        return None
+    return image_token_count(config)
+
+
+def check_budget(budget: int, num_tokens: int | None) -> int:
+    """K itself, once it is known to be between 1 and the image's N tokens (num_tokens None: no upper bound)."""
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise ShortLVLMError(f"visual_tokens must be a whole number of tokens, got {budget!r}.")
     if budget < 1:
-        raise ShortLVLMError(
-            f"visual_tokens {budget} leaves no image token: keep between 1 and {num_tokens} (the image's token count)."
-        )
-    if budget > num_tokens:
+        most = "" if num_tokens is None else f" between 1 and {num_tokens} (the image's token count)"
+        raise ShortLVLMError(f"visual_tokens {budget} leaves no image token: keep{most or ' at least 1'}.")
+    if num_tokens is not None and budget > num_tokens:
         raise ShortLVLMError(
             f"visual_tokens {budget} is more than the {num_tokens} tokens an image has: "
             f"keep between 1 and {num_tokens}."
@@ -83,7 +100,7 @@ def configured_budget(config: Mapping) -> int | None:
     budget = (config.get("short_lvlm") or {}).get("visual_tokens")
     if budget is None:
         return None
-    return check_budget(budget, image_token_count(config))
+    return check_budget(budget, budget_limit(config))
 
 
 def configured_selection(config: Mapping) -> tuple[str, int]:
@@ -173,3 +190,80 @@ def _merge_contextual(features: torch.Tensor, keys: torch.Tensor, count: int) ->
     assign = torch.nn.functional.one_hot(similarity.argmax(dim=1), len(targets)).to(features.dtype)
     counts = assign.sum(dim=0).clamp(min=1).unsqueeze(-1)
     return features[targets] + assign.T @ features[~is_target] / counts
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[S] float32: the attention each patch receives in one vision block, within its own image (the segments
+    `cu_seqlens` [images + 1] marks): softmax(q k^T / sqrt(d)) averaged over the image's queries and summed over
+    the heads given.
+
+    query, key: [S, heads, head_dim], after the rotary embedding. Under tensor parallelism a rank holds only some
+    heads: the sum over every head is the sum of the ranks' results.
+    """
+    scale = query.shape[-1] ** -0.5
+    received = torch.zeros(query.shape[0], dtype=torch.float32, device=query.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+        keys = key[start:end].float().transpose(0, 1)  # [H, n, d]
+        queries = query[start:end].float().transpose(0, 1)
+        for first in range(0, end - start, QUERY_CHUNK):
+            probs = torch.softmax(queries[:, first:first + QUERY_CHUNK] @ keys.transpose(-1, -2) * scale, dim=-1)
+            received[start:end] += probs.sum(dim=(0, 1))
+        received[start:end] /= end - start
+    return received
+
+
+def merge_group_scores(patch_scores: torch.Tensor, merge_unit: int) -> torch.Tensor:
+    """[S / merge_unit]: each merged token's score, the sum over the `merge_unit` consecutive patches the patch
+    merger folds into it."""
+    return patch_scores.reshape(-1, merge_unit).sum(dim=-1)
+
+
+def kept_token_count(budget: int, num_tokens: int) -> int:
+    """How many of an image's `num_tokens` merged tokens a budget of K keeps: min(K, N)."""
+    return min(budget, num_tokens)
+
+
+def keep_most_attended(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the min(K, N) highest of one image's `scores` [N], in their original order (ties: the earlier)."""
+    kept = kept_token_count(budget, len(scores))
+    if kept == len(scores):
+        return torch.arange(len(scores), device=scores.device)
+    return torch.sort(scores, descending=True, stable=True).indices[:kept].sort().values
+
+
+def merged_grid_positions(grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
+    """[N, 3] long: the (t, h, w) M-RoPE offsets of an image's merged tokens in their order (row by row), counted
+    from the image's first token; grid_thw is the image processor's patch grid."""
+    t, h, w = (int(v) for v in grid_thw)
+    grid = torch.meshgrid(torch.arange(t), torch.arange(h // merge_size), torch.arange(w // merge_size), indexing="ij")
+    return torch.stack(grid, dim=-1).reshape(-1, 3)
+
+
+def position_channels(grid_thw: Sequence[int], merge_size: int, kept: torch.Tensor) -> torch.Tensor:
+    """[K, 4] long: the kept tokens' (t, h, w) offsets and, in every row, the image's extent: the offset the text
+    after it continues from, the full grid's largest offset + 1 whatever is kept (vLLM's recompute_mrope_positions
+    reads the rows this way)."""
+    positions = merged_grid_positions(grid_thw, merge_size)
+    extent = torch.full((len(kept), 1), int(positions.max()) + 1, dtype=torch.long)
+    return torch.cat([positions[kept.cpu()], extent], dim=1)
+
+
+def prompt_mrope_positions(num_tokens: int, images: Sequence[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """([3, num_tokens] long, delta): the M-RoPE positions of a prompt whose images hold only their kept tokens,
+    and the offset decoding adds to a token's index (vLLM's mrope_position_delta).
+
+    images: per image in prompt order, the index of its first placeholder and its position_channels. Text runs on
+    one position per token; an image's tokens sit at the text position they start at plus their own offsets; the
+    text after it continues at that start plus the image's extent, as in the full prompt.
+    """
+    pieces, start, position = [], 0, 0
+    for offset, channels in images:
+        pieces.append(torch.arange(offset - start).expand(3, -1) + position)
+        position += offset - start
+        pieces.append(channels[:, :3].T + position)
+        position += int(channels[0, 3])
+        start = offset + len(channels)
+    pieces.append(torch.arange(num_tokens - start).expand(3, -1) + position)
+    positions = torch.cat(pieces, dim=1)
+    return positions, int(positions.max()) + 1 - num_tokens

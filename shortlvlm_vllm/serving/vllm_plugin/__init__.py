@@ -13,15 +13,27 @@ from collections.abc import Mapping
 from shortlvlm_vllm.errors import ShortLVLMError
 
 SHORT_LLAVA_ARCHITECTURE = "ShortLlavaForConditionalGeneration"
+SHORT_QWEN2_VL_ARCHITECTURE = "ShortQwen2VLForConditionalGeneration"
+SHORT_QWEN2_5_VL_ARCHITECTURE = "ShortQwen2_5_VLForConditionalGeneration"
 
 REGISTERED_CLASSES: dict[str, str] = {
     SHORT_LLAVA_ARCHITECTURE: "shortlvlm_vllm.serving.vllm_plugin.llava:ShortLlavaForConditionalGeneration",
+    SHORT_QWEN2_VL_ARCHITECTURE: "shortlvlm_vllm.serving.vllm_plugin.qwen_vl:ShortQwen2VLForConditionalGeneration",
+    SHORT_QWEN2_5_VL_ARCHITECTURE:
+        "shortlvlm_vllm.serving.vllm_plugin.qwen_vl:ShortQwen2_5_VLForConditionalGeneration",
     # mPLUG-Owl2 under its checkpoint's own name: vLLM has no class for it
     "MPLUGOwl2LlamaForCausalLM": "shortlvlm_vllm.serving.vllm_plugin.mplug_owl2:MPLUGOwl2LlamaForCausalLM",
 }
 
 # model_type -> the registered class that serves a visual-token budget for it
-VISUAL_TOKEN_ARCHITECTURES: dict[str, str] = {"llava": SHORT_LLAVA_ARCHITECTURE}
+VISUAL_TOKEN_ARCHITECTURES: dict[str, str] = {"llava": SHORT_LLAVA_ARCHITECTURE,
+                                              "qwen2_vl": SHORT_QWEN2_VL_ARCHITECTURE,
+                                              "qwen2_5_vl": SHORT_QWEN2_5_VL_ARCHITECTURE}
+# vLLM 0.32 hands a model the M-RoPE positions to correct after its vision tower (recompute_mrope_positions) only
+# when its multimodal pruning is on, and only --video-pruning-rate > 0 turns it on. The Qwen classes serve no video
+# with a budget, so the rate has no other effect: the flag is the switch.
+MROPE_RECOMPUTE_ARGS = ("--video-pruning-rate", "0.5")
+MROPE_RECOMPUTE_ARCHITECTURES = (SHORT_QWEN2_VL_ARCHITECTURE, SHORT_QWEN2_5_VL_ARCHITECTURE)
 
 
 def visual_token_architecture(config: Mapping) -> str:
@@ -37,11 +49,18 @@ def visual_token_architecture(config: Mapping) -> str:
 
 def budget_architecture(config: Mapping, budget: int) -> str:
     """The registered class that serves `budget` visual tokens for this config.json, once K fits the image."""
-    from shortlvlm_vllm.serving.visual_tokens import check_budget, image_token_count
+    from shortlvlm_vllm.serving.visual_tokens import budget_limit, check_budget
 
     architecture = visual_token_architecture(config)
-    check_budget(budget, image_token_count(config))
+    check_budget(budget, budget_limit(config))
     return architecture
+
+
+def serving_args(config: Mapping) -> list[str]:
+    """The vLLM arguments a checkpoint's registered class needs beyond its config.json (config.json as a dict)."""
+    if set(config.get("architectures") or ()) & set(MROPE_RECOMPUTE_ARCHITECTURES):
+        return list(MROPE_RECOMPUTE_ARGS)
+    return []
 
 
 def budget_overrides(config: Mapping, budget: int, selection: str | None = None) -> dict:
@@ -62,13 +81,19 @@ def budget_overrides(config: Mapping, budget: int, selection: str | None = None)
 
 def register() -> None:
     """Register the classes with vLLM's ModelRegistry, the reference models' configs with transformers (vLLM reads
-    config.json through AutoConfig), and their chat templates as vLLM's fallbacks; calling it again changes nothing."""
+    config.json through AutoConfig), and their chat templates as vLLM's fallbacks, and on CPU turn on vLLM's
+    multimodal pruning path as its GPU runner does (cpu_runner); calling it again changes nothing."""
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
     from vllm.transformers_utils.chat_templates import registry as chat_templates_registry
 
     from shortlvlm_vllm.models import chat_templates, register_with_transformers
 
     register_with_transformers()
+    if current_platform.is_cpu():
+        from shortlvlm_vllm.serving.vllm_plugin.cpu_runner import enable_multimodal_pruning_on_cpu
+
+        enable_multimodal_pruning_on_cpu()  # the Qwen classes' budget needs it (see cpu_runner)
     for model_type, path in chat_templates().items():
         if chat_templates_registry.get_chat_template_fallback_path(model_type, "") != path:
             chat_templates_registry.register_chat_template_fallback_path(model_type, path)
