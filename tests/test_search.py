@@ -184,6 +184,31 @@ def test_the_screen_stops_a_line_once_a_ratio_falls_clearly_below(tmp_path):
     assert (tmp_path / "results.md").is_file()
 
 
+def test_the_time_cap_stops_new_arms_but_reads_back_measured_ones(tmp_path):
+    import time
+
+    from shortlvlm_vllm.search.screen import screen
+
+    done = Arm(0.2, "tis", "none", "none")
+    (tmp_path / "arms" / done.slug).mkdir(parents=True)
+    (tmp_path / "arms" / done.slug / "result.json").write_text("{}")
+
+    class FakeMatrix:
+        out = tmp_path
+        asked: list[str] = []
+
+        def measure_accuracy(self, arm, measured=()):
+            self.asked.append(arm.name)
+            return _result(arm, FULL_RIGHT)
+
+    config = SearchConfig(ratios=[0.2, 0.3], localize=["tis"], compensate=["none"])
+    _, decisions = screen(FakeMatrix(), config.arms(), 0.98, deadline=time.monotonic() - 1)
+    assert FakeMatrix.asked == ["full", "tis+none-20%"]
+    assert {d.arm.name: d.reason for d in decisions if d.decision == "not tried"} == {
+        "tis+none-30%": "the search's time cap (--max-minutes) was reached",
+        "tis+scp-30%": "the search's time cap (--max-minutes) was reached"}
+
+
 @pytest.fixture
 def fake_serving(monkeypatch):
     """vLLM servers, the served client, transformers' answers and bench replaced by fakes; arms with half the layers
@@ -264,3 +289,5 @@ def test_a_search_resumes_after_an_interruption_and_reports(tiny_llava, tmp_path
     assert fake_serving["servers"] == servers
     with pytest.raises(ShortLVLMError, match="other settings \\(keep\\)"):
         Search(SearchConfig(**{**config.__dict__, "keep": 0.9}), out).run()
+    wider = Search(SearchConfig(**{**config.__dict__, "finalists": 3}), out).run()  # one more arm served
+    assert len([a for a in wider["arms"] if a.get("dev_vllm")]) == 3

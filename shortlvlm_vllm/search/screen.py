@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from shortlvlm_vllm.evaluation.matrix import Arm, Matrix
+from shortlvlm_vllm.evaluation.matrix import RESULT_NAME, Arm, Matrix
 from shortlvlm_vllm.evaluation.tables import correct_of, write_tables
 from shortlvlm_vllm.search.select import BELOW, Candidate, Margin, margin
 from shortlvlm_vllm.search.space import FULL, base_arm, lines, screenable
@@ -55,7 +55,7 @@ def _own_kl(result: dict | None) -> float | None:
 
 def screen(matrix: Matrix, arms: list[Arm], keep: float, deadline: float | None = None) -> tuple[dict, list[Screened]]:
     """The full model's dev result and every arm's screen decision, in screening order. `deadline`
-    (time.monotonic()): arms not started by then are not tried."""
+    (time.monotonic()): arms not measured (in this run or an earlier one) by then are not tried."""
     full = matrix.measure_accuracy(FULL)
     measured = [full]
     done: dict[Arm, Screened] = {}
@@ -78,11 +78,13 @@ def screen(matrix: Matrix, arms: list[Arm], keep: float, deadline: float | None 
                                          f"{base.name}, kept by the screen: judged when served")
                 log.info("%s: %s (%s)", position, done[arm].decision, done[arm].reason)
                 continue
-            if deadline is not None and time.monotonic() > deadline:
+            measured_before = (matrix.out / "arms" / arm.slug / RESULT_NAME).is_file()
+            if deadline is not None and time.monotonic() > deadline and not measured_before:
                 done[arm] = Screened(arm, "not tried", "the search's time cap (--max-minutes) was reached")
                 log.info("%s: not tried (time cap)", position)
                 continue
-            log.info("%s: building and answering the dev set through transformers", position)
+            log.info("%s: %s", position, "read back" if measured_before else
+                     "building and answering the dev set through transformers")
             result = matrix.measure_accuracy(arm, measured)
             measured.append(result)
             m = margin(correct_of(result), correct_of(full), keep)

@@ -49,7 +49,7 @@ class SearchConfig:
     replicas: int = 1
     batch_size: int = 64  # transformers screening: questions per batch
     seed: int = 0  # the benchmark's draw
-    max_minutes: float | None = None  # screening stops starting arms after this long (not part of the results)
+    max_minutes: float | None = None  # screening stops starting arms after this long
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1:
@@ -69,8 +69,10 @@ class SearchConfig:
             raise ShortLVLMError(f"--token-fractions {self.token_fraction}: fractions of visual tokens in (0, 1].")
 
     def fingerprint(self) -> dict:
-        """The settings the results depend on (the time cap only decides how far a run goes)."""
-        return {k: v for k, v in asdict(self).items() if k != "max_minutes"}
+        """The settings the results depend on. The time cap, the number of finalists and of throughput rounds only
+        decide how far a run goes (every arm's result and every round stands on its own), so a rerun may change them
+        and keep what was measured."""
+        return {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "finalists", "repeats")}
 
     def arms(self) -> list[Arm]:
         """Every pruned arm of the axes (the unpruned model is the reference, not an arm), with the paper's default
