@@ -571,6 +571,92 @@ def _run_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas, e.g. 0.2,0.3,0.4") from None
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    from shortlvlm_vllm.search.space import SearchConfig
+
+    d = SearchConfig()
+    p = sub.add_parser(
+        "search",
+        help="find the fastest pruned model that keeps a fraction of the full model's accuracy, verified through vLLM",
+        description="Search the axes named (layer ratio x localizer x compensation, optionally W4A16 and a "
+        "visual-token fraction) for the arm with the highest served throughput whose dev-set accuracy keeps --keep "
+        "of the full model's with confidence (the lower end of the 95% interval of accuracy(arm) - keep x "
+        "accuracy(full), paired on the same questions, at least 0). Cheap first: one calibration pass serves every "
+        "arm, each arm is answered on the dev set through transformers, and a way of pruning that falls clearly "
+        "below the target at one ratio is not tried at higher ones. Then the --finalists cheapest surviving arms "
+        "and the full model are served by vLLM one at a time, scored on the dev set and timed per serving shape; "
+        "the winner is confirmed on a test set the search never looked at (synthetic: the validation split is the "
+        "dev set, the test split the test set; another benchmark is halved by a hash of each question). Writes "
+        "DIR/chosen/ (the checkpoint and the recipe that rebuilds it), DIR/report.{md,json}, DIR/arms.md and "
+        "DIR/accuracy_vs_throughput.png. A rerun with the same settings resumes.",
+    )
+    p.add_argument("model", nargs="?", default=d.model, help="the model to prune: a directory, a hub id, or toy "
+                   "(default)")
+    p.add_argument("--keep", type=float, default=d.keep, help="fraction of the full model's dev accuracy to keep "
+                   "(default %(default)s)")
+    p.add_argument("--dev", default=d.dev, help=f"the benchmark to choose on ({BENCHMARK_NAMES}; default "
+                   "%(default)s)")
+    p.add_argument("--data", help="a local copy of --dev in its hub schema (default: the hub dataset; synthetic: "
+                   "generated)")
+    p.add_argument("--calib", default=d.calib, help="calibration source (see `shortlvlm prune --help`; default "
+                   "%(default)s)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (report, chosen checkpoint, "
+                   "every stage's results)")
+    p.add_argument("--ratios", type=_floats, default=d.ratios, help="layer ratios to try (default 0.2,0.3,0.4)")
+    p.add_argument("--localize", type=_names, default=d.localize, help="localizers (default tis,all-tokens,"
+                   "angular-block)")
+    p.add_argument("--compensate", type=_names, default=d.compensate, help="compensations: none, scp, "
+                   "scp/PAIRING/TARGET (default none,scp)")
+    p.add_argument("--quantize", type=_names, default=d.quantize, help="quantization axis: none, gptq, awq, rtn "
+                   "(W4A16; default none)")
+    p.add_argument("--token-fractions", type=_floats, default=d.token_fraction, help="fractions of each image's "
+                   "visual tokens kept (default 1)")
+    p.add_argument("--max-ratio", type=float, default=d.max_ratio, help="cap on the ratio (default %(default)s)")
+    p.add_argument("--max-minutes", type=float, help="stop starting screen arms after this many minutes; the "
+                   "finalists are then chosen among the arms screened")
+    p.add_argument("--finalists", type=int, default=d.finalists, help="arms served after the screen (default "
+                   "%(default)s)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="throughput rounds per serving shape (default "
+                   "%(default)s)")
+    p.add_argument("--dev-limit", type=int, default=d.dev_limit, help="dev questions (default %(default)s)")
+    p.add_argument("--test-limit", type=int, default=d.test_limit, help="test questions (default %(default)s)")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="calibration samples (default "
+                   "%(default)s)")
+    p.add_argument("--rank", type=int, default=d.rank, help="SCP rank (default %(default)s)")
+    p.add_argument("--max-model-len", type=int, help="vLLM's --max-model-len for every server")
+    p.add_argument("--replicas", type=int, default=d.replicas, help="vLLM servers per arm (default %(default)s)")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from shortlvlm_vllm.search.driver import Search
+    from shortlvlm_vllm.search.space import SearchConfig
+
+    config = SearchConfig(
+        model=args.model, keep=args.keep, dev=args.dev, data=args.data, calib=args.calib, ratios=args.ratios,
+        localize=args.localize, compensate=args.compensate, quantize=args.quantize,
+        token_fraction=args.token_fractions, max_ratio=args.max_ratio, max_minutes=args.max_minutes,
+        finalists=args.finalists, repeats=args.repeats, dev_limit=args.dev_limit, test_limit=args.test_limit,
+        num_samples=args.num_samples, rank=args.rank, replicas=args.replicas,
+        server={"max_model_len": args.max_model_len} if args.max_model_len else {})
+    print(f"{len(config.arms())} arms to screen: {', '.join(arm.name for arm in config.arms())}", flush=True)
+    Search(config, args.output).run()
+    print((args.output / "report.md").read_text())
+    print(f"report, plot and the chosen checkpoint in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shortlvlm",
@@ -581,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prune, _add_quantize, _add_serve, _add_demo, _add_tiny, _add_train_toy, _add_eval, _add_bench,
-                _add_matrix):
+                _add_matrix, _add_search):
         add(sub)
     return parser
 

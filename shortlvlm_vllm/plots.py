@@ -193,3 +193,37 @@ def _png(fig, layout: bool = True) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_search(points: Sequence[Mapping], target: float | None) -> bytes:
+    """PNG of a search: dev accuracy (Wilson 95% interval) against output tokens/s of every arm tried. Served arms
+    (vLLM accuracy, measured throughput) filled, the front of the served ones in red, the winner starred;
+    screened-only arms (transformers accuracy) hollow, at their serving shape's measured throughput, or marked x at an
+    ideal-scaling estimate where no arm of their shape was served; the target as a dashed line."""
+    fig, ax = _figure((8.5, 5.5))
+    styles = {"served": ("o", "tab:blue", "served (vLLM accuracy, measured throughput)"),
+              "screened": ("o", "none", "screened only (transformers accuracy), throughput of its shape"),
+              "estimated": ("x", "tab:grey", "screened only, throughput estimated (full x L / kept layers)")}
+    labelled = set()
+    for p in points:
+        marker, face, label = styles[p["kind"]]
+        colour = "tab:red" if p.get("front") else "tab:blue" if p["kind"] == "served" else "tab:grey"
+        x, y = p["throughput"], 100 * p["accuracy"]
+        ax.errorbar(x, y, xerr=[[x - p["throughput_low"]], [p["throughput_high"] - x]],
+                    yerr=[[y - 100 * p["low"]], [100 * p["high"] - y]], fmt=marker, ms=5, mfc=face if face != "none"
+                    else "white", color=colour, ecolor=colour, elinewidth=0.6, alpha=0.85, capsize=1.5,
+                    label=None if p["kind"] in labelled else label)
+        labelled.add(p["kind"])
+        if p.get("winner"):
+            ax.plot(x, y, marker="*", ms=14, color="gold", mec="black", label="chosen", ls="none")
+    front = sorted((p for p in points if p.get("front")), key=lambda p: p["throughput"])
+    ax.plot([p["throughput"] for p in front], [100 * p["accuracy"] for p in front], color="tab:red", lw=1, ls="--",
+            label="front of the served arms")
+    if target is not None:
+        ax.axhline(100 * target, color="black", lw=0.8, ls=":", label="target (keep x full, served dev)")
+    _stacked_labels(ax, [(p["throughput"], 100 * p["accuracy"], p["arm"]) for p in points])
+    ax.set_xlabel("output tokens/s (median and range of the rounds, per serving shape)")
+    ax.set_ylabel("dev accuracy % (95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return _png(fig)

@@ -91,7 +91,7 @@ def write_fixture(name: str, out_dir: str | Path, n: int | None = None, fmt: str
             raise ShortLVLMError("the synthetic fixture is written by synthetic.write_synthetic only; use fmt 'disk'.")
         from shortlvlm_vllm.data.synthetic import SyntheticConfig, write_synthetic
 
-        config = SyntheticConfig(train_images=1, calib_images=1, test_images=n or 10)
+        config = SyntheticConfig(train_images=1, calib_images=1, test_images=n or 10, validation_images=1)
         return write_synthetic(out_dir, config, overwrite=overwrite)
     if name not in _ROWS:
         raise ShortLVLMError(f"no fixture for {name!r}; fixtures exist for {', '.join([*_ROWS, 'synthetic'])}.")

@@ -282,7 +282,7 @@ def test_synthetic_local_copy_and_limit(fixtures):
 
 def test_synthetic_in_memory_uses_the_seed():
     rows = generate_split("test", SyntheticConfig(seed=2, test_images=3))
-    items = Synthetic(test_images=3).load(limit=4, seed=2)
+    items = Synthetic(images=3).load(limit=4, seed=2)
     assert [(i.id, i.prompt, i.answer) for i in items] == [(r["id"], r["question"], r["answer"].lower())
                                                             for r in rows[:4]]
 

@@ -16,6 +16,7 @@ LAYERS = (
     {"quantize", "serving"},
     {"prune"},
     {"evaluation", "toy"},
+    {"search"},
     {"demo"},
     {"cli"},
 )

@@ -31,7 +31,7 @@ from shortlvlm_vllm.data.synthetic import (
 )
 from shortlvlm_vllm.errors import ShortLVLMError
 
-SMALL = SyntheticConfig(version=2, train_images=40, calib_images=20, test_images=30)
+SMALL = SyntheticConfig(version=2, train_images=40, calib_images=20, test_images=30, validation_images=25)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,8 @@ def test_write_synthetic_reads_back(tmp_path):
     out = write_synthetic(tmp_path / "synthetic", SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # no temporary directory left
     dataset = datasets.load_from_disk(str(out / "dataset"))
-    assert {split: dataset[split].num_rows for split in SPLITS} == {"train": 200, "calibration": 100, "test": 150}
+    assert {split: dataset[split].num_rows for split in SPLITS} == {"train": 200, "calibration": 100, "test": 150,
+                                                                       "validation": 125}
     records = json.loads((out / "calibration" / "llava.json").read_text())
     assert len(records) == 100 and len({r["id"] for r in records}) == 100
     assert len(list((out / "calibration" / "images").glob("*.png"))) == 20
@@ -250,7 +251,8 @@ def test_write_synthetic_reads_back(tmp_path):
         assert isinstance(sample.image_ref, Path) and sample.load_image().size == (72, 72)
     with pytest.raises(ShortLVLMError, match="already exists"):
         write_synthetic(out, SMALL)
-    write_synthetic(out, SyntheticConfig(version=2, train_images=5, calib_images=5, test_images=5), overwrite=True)
+    write_synthetic(out, SyntheticConfig(version=2, train_images=5, calib_images=5, test_images=5, validation_images=5),
+                    overwrite=True)
     assert datasets.load_from_disk(str(out / "dataset"))["train"].num_rows == 25
 
 
@@ -324,5 +326,5 @@ def test_config_rejects_bad_values(bad):
 
 
 def test_unknown_split_is_named():
-    with pytest.raises(ShortLVLMError, match="unknown split 'validation'"):
-        generate_split("validation", SMALL)
+    with pytest.raises(ShortLVLMError, match="unknown split 'dev'"):
+        generate_split("dev", SMALL)

@@ -23,7 +23,9 @@ Two versions of the scenes (`SyntheticConfig.version`), same questions and API:
   a sliver of a shape, and at 8 px the first 81-token toy's tower read shape from patches at 50-60%.
 
 Everything derives from `SyntheticConfig.seed`: each split has its own seed and image ids, so splits
-never share an image.
+never share an image. `validation` is a development split beside `test` (for choices such as `shortlvlm search`'s,
+confirmed on `test`, which they never saw); it comes last so that adding it left the other splits' streams as
+they were.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     import datasets
 
 FAMILIES = ("existence", "attribute", "counting", "spatial", "multiple_choice")
-SPLITS = ("train", "calibration", "test")
+SPLITS = ("train", "calibration", "test", "validation")
 POPE_SETTINGS = ("random", "popular", "adversarial")
 # Saturated colours, far from the grey clutter of the background.
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 210, 40)}
@@ -103,6 +105,7 @@ class SyntheticConfig:
     train_images: int = 20000
     calib_images: int = 512
     test_images: int = 1000
+    validation_images: int = 1000
     questions_per_image: int = 5  # one per family, families rotating across images when fewer
 
     def __post_init__(self) -> None:
@@ -118,7 +121,7 @@ class SyntheticConfig:
             raise ShortLVLMError(f"image_size {self.image_size} is too small to draw shapes; use at least 32.")
         if self.seed < 0:
             raise ShortLVLMError(f"seed {self.seed} is negative; use a seed >= 0.")
-        for name in ("train_images", "calib_images", "test_images"):
+        for name in ("train_images", "calib_images", "test_images", "validation_images"):
             if getattr(self, name) < 1:
                 raise ShortLVLMError(f"{name} is {getattr(self, name)}; every split needs at least 1 image.")
         if not 1 <= self.questions_per_image <= len(FAMILIES):
@@ -128,7 +131,8 @@ class SyntheticConfig:
             )
 
     def num_images(self, split: str) -> int:
-        return {"train": self.train_images, "calibration": self.calib_images, "test": self.test_images}[split]
+        return {"train": self.train_images, "calibration": self.calib_images, "test": self.test_images,
+                "validation": self.validation_images}[split]
 
 
 @dataclass(frozen=True)

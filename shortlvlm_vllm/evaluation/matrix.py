@@ -32,6 +32,7 @@ from typing import Any
 
 from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.errors import ShortLVLMError
+from shortlvlm_vllm.evaluation.benchmarks.base import Benchmark
 from shortlvlm_vllm.evaluation.tables import compensation_name
 from shortlvlm_vllm.files import check_apart, portable_name, protected_paths, write_atomic
 from shortlvlm_vllm.prune.compensate import CompensationSettings
@@ -157,7 +158,7 @@ def load_config(path: str | Path) -> MatrixConfig:
     from shortlvlm_vllm.serving.visual_tokens import SELECTIONS
 
     axes = {axis: _as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES}
-    arms = list(dict.fromkeys(_normalise(Arm(**dict(zip(AXES, values, strict=True))))
+    arms = list(dict.fromkeys(normalise_arm(Arm(**dict(zip(AXES, values, strict=True))))
                               for values in itertools.product(*axes.values())))
     for arm in arms:
         if not 0 <= arm.ratio < 1:
@@ -175,7 +176,7 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _normalise(arm: Arm) -> Arm:
+def normalise_arm(arm: Arm) -> Arm:
     """The unpruned arm ignores localization and compensation, so it appears once per quantization and budget; a seed
     only matters to the random localizer; an arm that keeps every token has no selection to make.
     "scp/PAIRING/TARGET" on the compensate axis sets SCP's settings."""
@@ -219,10 +220,17 @@ UNITS_NAME = "units.json"
 class Matrix:
     """Builds, measures and compares every arm of a config into `out_dir`."""
 
-    def __init__(self, config: MatrixConfig, out_dir: str | Path) -> None:
+    def __init__(self, config: MatrixConfig, out_dir: str | Path, benchmark: Benchmark | None = None,
+                 cache: Path | None = None) -> None:
+        """`benchmark`: the questions, when not the registered benchmark `config.benchmark` names (a split of it);
+        `cache`: where checkpoints and calibration statistics are cached (default OUT/checkpoints), shared by several
+        matrices over one model."""
+        from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
+
         self.config = config
         self.out = Path(out_dir)
-        self.cache = self.out / "checkpoints"
+        self.cache = cache or self.out / "checkpoints"
+        self.benchmark = benchmark or get_benchmark(config.benchmark["name"])
 
     def source(self) -> Path:
         """The model's directory (`model` is a local directory, a hub id or a shipped model such as "toy")."""
@@ -321,7 +329,6 @@ class Matrix:
     def measure_accuracy(self, arm: Arm, measured: list[dict] = ()) -> dict:
         """The arm's accuracy on the benchmark, with each unit's correctness (for intervals and paired tests); an arm
         whose weights are byte-identical to one in `measured` takes its answers."""
-        from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
         from shortlvlm_vllm.evaluation.client import RECORDS_NAME, load_records
 
         arm_dir = self.out / "arms" / arm.slug
@@ -332,8 +339,7 @@ class Matrix:
         started = time.perf_counter()
         config = json.loads((checkpoint / "config.json").read_text())
         record = config.get("short_lvlm") or {}
-        bench = dict(self.config.benchmark)
-        benchmark = get_benchmark(bench.pop("name"))
+        bench, benchmark = self.config.benchmark, self.benchmark
         server_kwargs, visual_tokens = self.server_kwargs(arm, checkpoint)
         digest = _key(weights_sha256(checkpoint), visual_tokens, self.config.scorer)
         twin = next((r for r in measured if r.get("weights_key") == digest), None)
@@ -417,7 +423,6 @@ class Matrix:
     def measure_throughput(self, results: list[dict]) -> dict[str, dict]:
         """Each throughput key's rounds, interleaved: round r of every key before round r + 1 of any; a round is one
         server start, one warm-up request and one replay of the workload. Key -> the spread of each figure."""
-        from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
         from shortlvlm_vllm.evaluation.statistics import Spread
         from shortlvlm_vllm.evaluation.throughput import requests_from_items, run_throughput
 
@@ -434,10 +439,9 @@ class Matrix:
                 if path.is_file():
                     continue
                 if workload is None:
-                    benchmark = get_benchmark(bench["name"])
                     workload = requests_from_items(
-                        benchmark.load(bench.get("data"), speed["num_prompts"], bench.get("seed", 0)))
-                arm = _arm_of(result)
+                        self.benchmark.load(bench.get("data"), speed["num_prompts"], bench.get("seed", 0)))
+                arm = arm_of(result)
                 checkpoint = self.checkpoint(arm)
                 kwargs, _ = self.server_kwargs(arm, checkpoint)
                 log.info("throughput round %d/%d: %s (%s)", round_ + 1, repeats, key, arm.name)
@@ -475,7 +479,7 @@ class Matrix:
         return kwargs, budget
 
 
-def _arm_of(result: dict) -> Arm:
+def arm_of(result: dict) -> Arm:
     return Arm(**{name: result[name] for name in Arm.__dataclass_fields__})
 
 

@@ -229,7 +229,7 @@ def _interval(value: float, low: float, high: float) -> str:
     return f"{_pct(value)} [{_pct(low)}, {_pct(high)}]"
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
             *("| " + " | ".join(str(c) for c in line) + " |" for line in body)]
 
@@ -255,7 +255,7 @@ def _results_markdown(rows: list[dict], groups: Sequence[str]) -> str:
              "(= arm): byte-identical weights to that arm, so its answers are the same. "
              "Throughput: measured once per serving shape (layer count, quantization, visual tokens), since which "
              "layers went does not change the work; median and range of the interleaved rounds (throughput.md)."]
-    return "\n".join(_table(header, body) + notes) + "\n"
+    return "\n".join(markdown_table(header, body) + notes) + "\n"
 
 
 def _groups_markdown(results: Sequence[dict], groups: Sequence[str]) -> str:
@@ -265,7 +265,7 @@ def _groups_markdown(results: Sequence[dict], groups: Sequence[str]) -> str:
     body = [[r["arm"], *(_interval(a.value, a.low, a.high) for a in (_group_accuracy(r, groups, n) for n in names))]
             for r in results]
     counts = ", ".join(f"{n}: {groups.count(n)}" for n in names)
-    return "\n".join(_table(["arm", *names], body) + ["", f"Accuracy % [Wilson 95% interval]; units per group: "
+    return "\n".join(markdown_table(["arm", *names], body) + ["", f"Accuracy % [Wilson 95% interval]; units per group: "
                                                            f"{counts}."]) + "\n"
 
 
@@ -275,8 +275,9 @@ def _comparisons_markdown(rows: list[dict]) -> str:
              f"{row['p_value']:.3g}", f"{row['p_holm']:.3g}",
              "same weights" if row["same_weights"] else row["verdict"]] for row in rows]
     real = sum(row["p_holm"] < ALPHA for row in rows)
-    return "\n".join(_table(["kind", "A", "B", "A - B (points)", "95% CI", "right only for A / B", "p (McNemar)",
-                             "p (Holm)", "verdict"], body)
+    header = ["kind", "A", "B", "A - B (points)", "95% CI", "right only for A / B", "p (McNemar)", "p (Holm)",
+              "verdict"]
+    return "\n".join(markdown_table(header, body)
                      + ["", f"{real} of {len(rows)} differences are real at the 5% level after Holm's adjustment "
                         "over this table; the others are inside the noise of this sample."]) + "\n"
 
@@ -290,8 +291,8 @@ def _seeds_markdown(rows: list[dict]) -> str:
                      f"{_pct(row['mean'])} +- {_pct(row['sd'])}", f"{_pct(row['min'])} - {_pct(row['max'])}", others])
     return "\n".join(["Random layers over their seeds (the paper's Fig. 3): accuracy mean, sample sd and range, and "
                       "where each other localizer falls among the seeds.", "",
-                      *_table(["ratio", "compensation", "seeds", "mean +- sd (%)", "range (%)", "other localizers"],
-                              body)]) + "\n"
+                      *markdown_table(["ratio", "compensation", "seeds", "mean +- sd (%)", "range (%)",
+                                       "other localizers"], body)]) + "\n"
 
 
 def _throughput_markdown(rows: list[dict]) -> str:
@@ -300,7 +301,7 @@ def _throughput_markdown(rows: list[dict]) -> str:
              f"{row['output_throughput']['high']:.0f}]",
              f"{row['median_ttft_ms']['median']:.1f}", ", ".join(row["separated_from"]) or "none",
              len(row["arms"])] for row in rows]
-    return "\n".join(_table(["shape", "measured on", "rounds", "output tok/s median [range]", "TTFT p50 ms",
+    return "\n".join(markdown_table(["shape", "measured on", "rounds", "output tok/s median [range]", "TTFT p50 ms",
                              "ranges separated from", "arms"], body)
                      + ["", "Each round starts the shape's server, sends one warm-up request and replays the same "
                         "workload; round r of every shape runs before round r + 1 of any. Shapes whose ranges overlap "

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shortlvlm_vllm.data.synthetic import FAMILIES, POPE_SETTINGS, SyntheticConfig, generate_split
+from shortlvlm_vllm.data.synthetic import FAMILIES, POPE_SETTINGS, SPLITS, SyntheticConfig, generate_split
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks.base import Benchmark, Item
 from shortlvlm_vllm.evaluation.benchmarks.loading import open_table, to_image
@@ -23,18 +23,17 @@ def normalize_answer(reply: str | None) -> str:
     return match.group(0).lower() if match else ""
 
 
-SPLIT = "test"
 COLUMNS = ("id", "image", "question", "answer", "family", "pope_setting")
 
 
 class Synthetic(Benchmark):
     """Accuracy per question family and overall, and POPE's metrics for the existence questions per setting.
 
-    `source` None generates the test split in memory with seed `seed` (`test_images` images); a local path is a
-    directory written by `synthetic.write_synthetic` (its `dataset/` subdirectory, or that directory itself), whose
-    own seed holds and `seed` is unused. `limit` takes the first `limit` questions: families interleave, so a prefix
-    mixes them. The prompt is the question alone, as the toy model was trained; replies are read as
-    `normalize_answer` reads them (first word, lower case).
+    `source` None generates `split` (the test split by default; `validation` is the development split beside it) in
+    memory with seed `seed` (`images` images); a local path is a directory written by `synthetic.write_synthetic` (its
+    `dataset/` subdirectory, or that directory itself), whose own seed holds and `seed` is unused. `limit` takes the
+    first `limit` questions: families interleave, so a prefix mixes them. The prompt is the question alone, as the toy
+    model was trained; replies are read as `normalize_answer` reads them (first word, lower case).
     """
 
     name = "synthetic"
@@ -42,19 +41,22 @@ class Synthetic(Benchmark):
     max_tokens = 4  # every answer is one word
     breakdown = "family"
 
-    def __init__(self, test_images: int = SyntheticConfig.test_images) -> None:
-        self.test_images = test_images
+    def __init__(self, images: int = SyntheticConfig.test_images, split: str = "test") -> None:
+        if split not in SPLITS:
+            raise ShortLVLMError(f"unknown synthetic split {split!r}; the set has {', '.join(SPLITS)}.")
+        self.images = images
+        self.split = split
 
     def load(self, source: str | None = None, limit: int | None = None, seed: int = 0) -> list[Item]:
         if limit is not None and limit < 1:
             raise ShortLVLMError(f"limit {limit} asks for no items; use a limit of at least 1, or none for all.")
         if source is None:
-            rows: Sequence[Mapping[str, Any]] = generate_split(
-                SPLIT, SyntheticConfig(seed=seed, test_images=self.test_images))[:limit]
+            config = SyntheticConfig(seed=seed, **{f"{self.split}_images": self.images})
+            rows: Sequence[Mapping[str, Any]] = generate_split(self.split, config)[:limit]
         else:
             path = Path(source)
             table = open_table(str(path / "dataset" if (path / "dataset").is_dir() else path), benchmark=self.name,
-                               hub_id=self.hub_id, config=None, split=SPLIT, columns=COLUMNS)
+                               hub_id=self.hub_id, config=None, split=self.split, columns=COLUMNS)
             rows = table.select(range(min(limit or len(table), len(table))))
         return [
             Item(
