@@ -91,6 +91,7 @@ def build_report(config: SearchConfig, out: Path, report: dict, num_layers: int)
                    (a["dev_transformers"] for a in arms if a["arm"] == winner.name), None),
                "test_vllm": judged(test, full_test), "throughput": _speed(dev),
                "speedup_vs_full": round(_speed(dev)["median"] / full_speed["median"], 4) if full_speed else None,
+               "speedup_inside_noise": bool(full_speed) and _speed(dev)["low"] <= full_speed["high"],
                "checkpoint": "chosen", "recipe": "chosen/short_lvlm_recipe.yaml"}
     paper = next((a for a in arms if a["arm"] == PAPER_DEFAULT.name), None)
     paper_default = None
@@ -201,7 +202,9 @@ def _markdown(d: dict) -> str:
                   f"- test ({d['test']['benchmark']} {d['test']['split']}, {d['test']['questions']} questions, never "
                   f"seen by the search, vLLM): {_judged(w['test_vllm'])}",
                   f"- served throughput: {_speed_text(w['throughput'])} output tok/s (median [range]), "
-                  f"{w['speedup_vs_full']}x the full model's", "", "Why:", *(f"- {r}" for r in d["reasons"]), ""]
+                  f"{w['speedup_vs_full']}x the full model's"
+                  + (" (the ranges overlap: no difference beyond the noise)" if w.get("speedup_inside_noise") else ""),
+                  "", "Why:", *(f"- {r}" for r in d["reasons"]), ""]
     else:
         lines += [f"**Nothing chosen.** {d['failure']}", ""]
     f = d["full"]
