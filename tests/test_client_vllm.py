@@ -119,7 +119,9 @@ def test_two_replicas_answer_each_question_once_and_score_as_one_server(endpoint
     assert sorted(records["two"]) == ids and len(_records(tmp_path / "two" / RECORDS_NAME)) == len(ids)
     by_server = {url: sum(r["server"] == url for r in records["two"].values()) for url in
                  (endpoint.base_url, replica.base_url)}
-    assert min(by_server.values()) >= 4, by_server  # both replicas answered
+    # both replicas answered; how many each takes is a race (on a quiet machine a toy reply takes ~50 ms, and one
+    # slow first request lets the other server take nearly all 24)
+    assert min(by_server.values()) >= 1, by_server
     assert {i: r["answer"] for i, r in records["two"].items()} == {i: r["answer"] for i, r in records["one"].items()}
     assert both == single
 
