@@ -85,13 +85,13 @@ def build_report(config: SearchConfig, out: Path, report: dict, num_layers: int)
     if winner is not None:
         dev = _find(served, winner.name)
         test = _find(tested, winner.name)
-        full_speed = _speed(full_served)
+        full_speed, dev_speed = _speed(full_served), _speed(dev)
         win = {"arm": winner.name, "layers": dev["layers"], "pruned_layers": dev["pruned_layers"],
                "dev_vllm": judged(dev, full_served), "dev_transformers": next(
                    (a["dev_transformers"] for a in arms if a["arm"] == winner.name), None),
-               "test_vllm": judged(test, full_test), "throughput": _speed(dev),
-               "speedup_vs_full": round(_speed(dev)["median"] / full_speed["median"], 4) if full_speed else None,
-               "speedup_inside_noise": bool(full_speed) and _speed(dev)["low"] <= full_speed["high"],
+               "test_vllm": judged(test, full_test), "throughput": dev_speed,
+               "speedup_vs_full": round(dev_speed["median"] / full_speed["median"], 4) if full_speed else None,
+               "speedup_inside_noise": bool(full_speed) and dev_speed["low"] <= full_speed["high"],
                "checkpoint": "chosen", "recipe": "chosen/short_lvlm_recipe.yaml"}
     paper = next((a for a in arms if a["arm"] == PAPER_DEFAULT.name), None)
     paper_default = None
