@@ -548,12 +548,14 @@ def _soak(args: argparse.Namespace, requests) -> int:
 def _add_matrix(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "matrix",
-        help="build, serve and measure every arm of an evaluation matrix (pruning x quantization)",
+        help="build, serve and measure every arm of an evaluation matrix (pruning x quantization x visual tokens)",
         description="Read a YAML config (see eval/configs/): every combination of its `grid` axes (ratio, localize, "
-        "compensate, quantize) is an arm. Each arm's checkpoint is built once and cached by its recipe under "
-        "OUT/checkpoints; each arm is served by its own vLLM server and measured with the same accuracy requests "
-        "and the same throughput workload. Writes OUT/results.{md,csv,json} and OUT/accuracy_vs_throughput.png "
-        "(Pareto front marked). A rerun skips measured arms and resumes a half-measured one.",
+        "compensate, quantize, token_fraction, token_selection, seed) is an arm; `grid` may be a list of such grids "
+        "(their union). Each arm's checkpoint is built once and cached by its recipe under OUT/checkpoints; each arm "
+        "is answered by its own vLLM server (`scorer: vllm`) or by transformers in-process (`scorer: transformers`), "
+        "on the same questions, and throughput is measured through vLLM per serving shape, the rounds interleaved. "
+        "Writes OUT/results.{md,csv,json}, the paired comparisons and OUT/accuracy_vs_throughput.png (Pareto front "
+        "marked). A rerun skips measured arms and resumes a half-measured one.",
     )
     p.add_argument("config", type=Path, help="the matrix YAML")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (results, checkpoints, logs)")

@@ -20,12 +20,17 @@ CONFIGS = Path(__file__).parent.parent / "eval" / "configs"
 def test_shipped_configs_expand_to_the_arms_the_issue_asks_for():
     ablation = load_config(CONFIGS / "ablation.yaml")
     names = [arm.name for arm in ablation.arms]
-    # the Table-2 ablation that produced eval/results/ablation (issue 17's larger one is not yet run)
-    localizers = {arm.localize_name for arm in ablation.arms if arm.ratio}
-    assert localizers == {"all-tokens", "tis"}
-    assert sorted({arm.ratio for arm in ablation.arms}) == [0.0, 0.1, 0.2, 0.3]
-    assert {arm.compensation_name for arm in ablation.arms if arm.ratio} == {"none", "scp"}
-    assert names[0] == "full" and len(names) == 1 + 3 * 2 * 2
+    # two grids: three localizers x four compensations, and the random localizer's ten seeds x two
+    fixed = [arm for arm in ablation.arms if arm.ratio and arm.localize != "random"]
+    random = [arm for arm in ablation.arms if arm.localize == "random"]
+    assert {arm.localize_name for arm in fixed} == {"all-tokens", "tis", "angular-block"}
+    assert sorted({arm.ratio for arm in ablation.arms}) == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert {(arm.compensate, arm.scp_pairing) for arm in fixed} == {
+        ("none", "nearest"), ("scp", "nearest"), ("scp", "block"), ("scp", "unique")}
+    assert {(arm.compensate, arm.scp_pairing) for arm in random} == {("none", "nearest"), ("scp", "nearest")}
+    assert sorted({arm.seed for arm in random}) == list(range(10))
+    assert names[0] == "full" and len(fixed) == 4 * 3 * 4 and len(random) == 4 * 10 * 2
+    assert len(names) == len(set(names)) == 1 + len(fixed) + len(random)
     stacking = load_config(CONFIGS / "stacking.yaml")
     assert len(stacking.arms) == 5 * 3
     assert {arm.quantize for arm in stacking.arms} == {"none", "gptq", "awq"}
@@ -59,6 +64,7 @@ def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tin
 @pytest.mark.parametrize(("text", "message"), [
     ("model: toy\n", "grid"),
     ("model: toy\ngrid: {ratio: [0.1], depth: [2]}\n", "unknown axes"),
+    ("model: toy\ngrid: [{ratio: [0.1]}, 3]\n", "list of such grids"),
     ("model: toy\ngrid: {ratio: [1.5]}\n", "ratio 1.5"),
     ("model: toy\ngrid: {token_fraction: [0]}\n", "token_fraction 0.0 must be in"),
     ("model: toy\ngrid: {token_fraction: [0.5], token_selection: [best]}\n", "token_selection 'best'"),
@@ -288,7 +294,7 @@ def test_a_transformers_scored_matrix_end_to_end(tiny_llava, tmp_path, monkeypat
     monkeypatch.setattr(calibrate, "run_calibration", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
     path = tmp_path / "matrix.yaml"
     path.write_text(f"""model: {tiny_llava}
-grid: {{ratio: [0.0, 0.25], localize: [tis, last], compensate: [none, scp/nearest/down_proj]}}
+grid: {{ratio: [0.0, 0.25], localize: [tis, last], compensate: [none, scp/unique/down_proj]}}
 calibration: {{source: synthetic, num_samples: 12, heldout: 2}}
 rank: 4
 benchmark: {{name: synthetic, limit: 15}}
@@ -299,8 +305,8 @@ throughput: {{num_prompts: 2, repeats: 2}}
     config = load_config(path)
     results = Matrix(config, tmp_path / "out").run()
     assert len(passes) == 1  # one calibration pass for the four pruned arms
-    assert [r["arm"] for r in results] == ["full", "tis+none-25%", "tis+scp/nearest/down_proj-25%",
-                                           "last+none-25%", "last+scp/nearest/down_proj-25%"]
+    assert [r["arm"] for r in results] == ["full", "tis+none-25%", "tis+scp/unique/down_proj-25%",
+                                           "last+none-25%", "last+scp/unique/down_proj-25%"]
     assert all(len(r["units"]["correct"]) == 15 for r in results)
     by_layers = {}
     for r in results[1:]:

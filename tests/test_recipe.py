@@ -22,7 +22,7 @@ def test_pruning_again_with_the_written_recipe_gives_the_same_weights(tiny_llava
                  "--heldout", "2", "--rank", "8", "--top-p", "0.2", "-o", "first"]) == 0
     written = yaml.safe_load((tmp_path / "first" / RECIPE_NAME).read_text())
     assert written["model"] == "tiny" and written["ratio"] == 0.25 and written["top_p"] == 0.2
-    assert written["compensation"] == {"method": "scp", "rank": 8, "target": "down_proj", "pairing": "unique",
+    assert written["compensation"] == {"method": "scp", "rank": 8, "target": "down_proj", "pairing": "nearest",
                                        "shared": "stack"}
     assert written["calibration"]["num_samples"] == 12 and written["calibration"]["heldout"] == 2
     assert (tmp_path / "first" / "README.md").read_text().splitlines()[3].startswith("# tiny, 2 of 8 decoder layers")

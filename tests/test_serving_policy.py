@@ -115,6 +115,22 @@ def test_the_managed_server_gets_the_same_defaults():
     assert json.loads(server_env()[POLICY_ENV])["remote"] is False
 
 
+def test_cpu_servers_get_a_fixed_mmap_threshold_unless_the_user_set_one(monkeypatch):
+    from shortlvlm_vllm.serving import launcher
+
+    monkeypatch.setattr(launcher, "has_cuda", lambda: False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert server_env()["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert any("MALLOC_MMAP_THRESHOLD_=131072" in line for line in launcher.describe_policy(ServingPolicy(), "::1", None))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    assert server_env()["MALLOC_MMAP_THRESHOLD_"] == "4194304"
+    assert any("=4194304 (as set)" in line for line in launcher.describe_policy(ServingPolicy(), "::1", None))
+    monkeypatch.setattr(launcher, "has_cuda", lambda: True)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert "MALLOC_MMAP_THRESHOLD_" not in server_env()
+    assert not any("MALLOC" in line for line in launcher.describe_policy(ServingPolicy(), "::1", None))
+
+
 # --- the middleware, on a stub app ---
 
 def _request(body: bytes | dict, app, policy: dict | None = None, monkeypatch=None) -> tuple[int, dict | None, list]:

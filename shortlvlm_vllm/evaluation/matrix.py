@@ -130,7 +130,8 @@ class MatrixConfig:
 
 
 def load_config(path: str | Path) -> MatrixConfig:
-    """Read a matrix YAML: `grid` holds a list per axis, and every combination becomes an arm."""
+    """Read a matrix YAML: `grid` holds a list per axis, and every combination becomes an arm; a list of such grids
+    gives the union of their arms (e.g. the random localizer's seeds with fewer compensations than the rest)."""
     import yaml
 
     path = Path(path)
@@ -140,10 +141,12 @@ def load_config(path: str | Path) -> MatrixConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ShortLVLMError(f"matrix config {path} is not valid YAML: {e}") from e
-    grid = raw.pop("grid", None)
-    if not isinstance(grid, dict) or not grid:
-        raise ShortLVLMError(f"{path}: give the axes under `grid:` (any of {', '.join(AXES)}), each a list.")
-    unknown = set(grid) - set(AXES)
+    grids = raw.pop("grid", None)
+    grids = grids if isinstance(grids, list) else [grids]
+    if not all(isinstance(grid, dict) and grid for grid in grids):
+        raise ShortLVLMError(f"{path}: give the axes under `grid:` (any of {', '.join(AXES)}), each a list, or a "
+                             f"list of such grids.")
+    unknown = set().union(*grids) - set(AXES)
     if unknown:
         raise ShortLVLMError(f"{path}: unknown axes {sorted(unknown)}; the axes are {', '.join(AXES)}.")
     known = {f for f in MatrixConfig.__dataclass_fields__ if f != "arms"}
@@ -157,9 +160,9 @@ def load_config(path: str | Path) -> MatrixConfig:
         raise ShortLVLMError(f"{path}: replicas {replicas!r} must be a whole number of servers per arm, at least 1.")
     from shortlvlm_vllm.serving.visual_tokens import SELECTIONS
 
-    axes = {axis: _as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES}
-    arms = list(dict.fromkeys(normalise_arm(Arm(**dict(zip(AXES, values, strict=True))))
-                              for values in itertools.product(*axes.values())))
+    combinations = (values for grid in grids
+                    for values in itertools.product(*(_as_list(grid.get(axis, ARM_DEFAULTS[axis])) for axis in AXES)))
+    arms = list(dict.fromkeys(normalise_arm(Arm(**dict(zip(AXES, values, strict=True)))) for values in combinations))
     for arm in arms:
         if not 0 <= arm.ratio < 1:
             raise ShortLVLMError(f"{path}: ratio {arm.ratio} must be in [0, 1).")

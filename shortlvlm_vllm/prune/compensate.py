@@ -55,7 +55,7 @@ class CompensationSettings:
     method: str = "scp"
     rank: int = 64  # SCP: the subspace rank k
     target: str = "down_proj"  # SCP: which kept-layer weights absorb it (SCP_TARGETS)
-    pairing: str = "unique"  # SCP: which kept layer bridges which pruned layers (PAIRINGS)
+    pairing: str = "nearest"  # SCP: which kept layer bridges which pruned layers (PAIRINGS)
     shared: str = "stack"  # SCP: how the gaps of one kept layer combine (SHARED_RULES)
 
 
