@@ -13,7 +13,8 @@ from shortlvlm_vllm.toy import TOY_MODEL_DIR
 
 TOY = str(TOY_MODEL_DIR)
 # The default pairing became `nearest` (issue 17); these bytes were recorded with `unique`, which stays an option.
-CALIBRATED = ["--calib", "synthetic", "--num-samples", "32", "--heldout", "0", "--rank", "16", "--scp-pairing", "unique"]
+CALIBRATED = ["--calib", "synthetic", "--num-samples", "32", "--heldout", "0", "--rank", "16",
+              "--scp-pairing", "unique"]
 # sha256 of each checkpoint's *.safetensors files, concatenated in name order, as commit 67c8cf8 wrote them.
 RECORDED = {
     "drop": "09d2b4301cb4bbf6f8ccc9fc864d12468f0b027bba74612db34ee3f93956a364",

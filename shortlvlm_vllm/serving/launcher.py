@@ -219,9 +219,10 @@ def describe_policy(policy: ServingPolicy, host: str, api_key: str | None, extra
              "  an image that cannot be fetched or read: 400, and the connection stays open"]
     if not has_cuda():
         threshold = os.environ.get(MALLOC_MMAP_THRESHOLD_ENV)
-        lines.append(f"  CPU worker memory: ${MALLOC_MMAP_THRESHOLD_ENV}={threshold} (as set)" if threshold else
-                     f"  CPU worker memory: ${MALLOC_MMAP_THRESHOLD_ENV}={DEFAULT_CPU_MMAP_THRESHOLD}, freed activation "
-                     f"buffers go back to the system (set ${MALLOC_MMAP_THRESHOLD_ENV} to change it)")
+        name = MALLOC_MMAP_THRESHOLD_ENV
+        lines.append(f"  CPU worker memory: ${name}={threshold} (as set)" if threshold else
+                     f"  CPU worker memory: ${name}={DEFAULT_CPU_MMAP_THRESHOLD}, freed activation buffers go back to "
+                     f"the system (set ${name} to change it)")
     return lines
 def placement_env(world_size: int = 1, replica: int = 0, replicas: int = 1) -> dict[str, str]:
     """Where one server's `world_size` workers (tensor x pipeline parallel) run, when it is replica `replica` of
