@@ -127,3 +127,27 @@ def test_reference_logits_equal_the_original_code(tiny_qwen, attention):
             assert logits[position].std().item() == pytest.approx(expected["std"], abs=2e-6)
         out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         assert out[0, inputs["input_ids"].shape[1]:].tolist() == record["greedy"]
+
+
+LONG = {  # the original on the text-only ids [(7 * i) % 300 for i in range(4200)]: dynamic NTK (alpha 7) and log-n
+    100: {"top_ids": [501, 114, 1, 344, 175], "top_logits": [3.55971, 3.09485, 3.0243, 2.9856, 2.61521],
+          "mean": 0.053881, "std": 1.175994},
+    2050: {"top_ids": [307, 65, 71, 353, 338], "top_logits": [3.59337, 3.25625, 3.10819, 3.04537, 2.73896],
+           "mean": 0.013903, "std": 1.139879},
+    4199: {"top_ids": [475, 134, 421, 483, 461], "top_logits": [3.2597, 3.03343, 2.9347, 2.9327, 2.92717],
+           "mean": 0.046958, "std": 1.147857},
+}
+
+
+@torch.no_grad()
+def test_beyond_seq_length_the_reference_scales_as_the_original(tiny_qwen):
+    """Past `seq_length` (2048) tokens the original grows the rotary base (dynamic NTK) and scales queries by
+    log-n; the reference does the same (recorded the same way as ORIGINAL, on a text-only prompt)."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
+    logits = model(torch.tensor([[(7 * i) % 300 for i in range(4200)]])).logits[0]
+    for position, expected in LONG.items():
+        top = logits[position].topk(5)
+        assert top.indices.tolist() == expected["top_ids"]
+        torch.testing.assert_close(top.values, torch.tensor(expected["top_logits"]), rtol=0, atol=5e-5)
+        assert logits[position].mean().item() == pytest.approx(expected["mean"], abs=5e-6)
+        assert logits[position].std().item() == pytest.approx(expected["std"], abs=5e-6)

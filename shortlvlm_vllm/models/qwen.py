@@ -412,11 +412,17 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
 
 def tokenizer_from_tiktoken(path: str | Path):
     """A tokenizers.Tokenizer equal to the original's tiktoken encoding: byte-level BPE over `path`'s ranks, the
-    original's pre-tokenization pattern and NFC normalization, and its special tokens at ids len(ranks), ..."""
+    original's pre-tokenization pattern and NFC normalization, and its special tokens at ids len(ranks), ...
+
+    transformers' TikTokenConverter turns the ranks into merges; the ranks are read here, so the tiktoken package
+    (which the quantization environment lacks) is not needed."""
     from tokenizers import AddedToken, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tokenizer = TikTokenConverter(vocab_file=str(path), pattern=PAT_STR).converted()
+    class Converter(TikTokenConverter):
+        load_tiktoken_bpe = staticmethod(read_tiktoken_ranks)
+
+    tokenizer = Converter(vocab_file=str(path), pattern=PAT_STR).converted()
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     ranks = len(read_tiktoken_ranks(path))

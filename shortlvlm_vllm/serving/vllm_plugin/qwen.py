@@ -4,8 +4,9 @@ gives, loading the original key layout and config.
 The vision tower and the resampler are the reference model's own modules (shortlvlm_vllm.models.qwen), replicated on
 every rank; the decoder is vLLM's (paged attention, tensor-parallel linear layers): the fused `c_attn` loads into a
 QKV projection, `w2` (the gate) and `w1` (up) into one gate-up projection. Like vLLM's own port before 0.23, it has no
-dynamic NTK and no log-n query scaling: both change nothing below `seq_length` (2048) tokens, and beyond that the
-served model differs from the original.
+dynamic NTK and no log-n query scaling: both change nothing below `seq_length` (2048) tokens, the longest context vLLM
+derives from this config.json (the smallest of max_position_embeddings and seq_length); a longer --max-model-len
+(which vLLM refuses unless told to allow it) would make the served model differ from the original.
 
 Prompts: the chat template writes each image as "Picture N:<img></img>"; vLLM's renderer tokenizes the prompt whole
 (the tags are special tokens) and the prompt update puts the image's 256 <imgpad> tokens between the tags.
