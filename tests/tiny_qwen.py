@@ -20,6 +20,7 @@ import torch
 
 from shortlvlm_vllm.checkpoint.safetensors_io import OutputTensor
 from shortlvlm_vllm.checkpoint.writer import Shard, write_checkpoint
+from shortlvlm_vllm.models.mplug_owl2 import sincos_2d
 from shortlvlm_vllm.models.qwen import ARCHITECTURE, SPECIAL_TOKENS, QWenConfig, QWenLMHeadModel
 
 MERGE_TEXT = ("You are a helpful assistant. What is in the image? Describe the colours. Several coloured rectangles "
@@ -78,8 +79,6 @@ def original_state_dict(config: QWenConfig, seed: int, std: float) -> dict[str, 
         gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "ln_pre.weight", "ln_post.weight",
                               "ln_q.weight", "ln_kv.weight"))
         state[name] = torch.from_numpy(noise + np.float32(1.0) if gain else noise)
-    from shortlvlm_vllm.models.mplug_owl2 import sincos_2d
-
     state["transformer.visual.attn_pool.pos_embed"] = torch.from_numpy(
         sincos_2d(config.visual["output_dim"], 16, cls_token=False)).float()
     return state
