@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints built once per test session, offline."""
+"""Shared fixtures: tiny LLaVA, Qwen2-VL, Qwen2.5-VL, mPLUG-Owl2 and Qwen-VL-Chat checkpoints built once per test
+session, offline."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
 from tests.tiny_qwen import build_tiny_qwen
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
-register_with_transformers()  # the Auto classes the tests call load mPLUG-Owl2 as prune and the reference do
+register_with_transformers()  # the Auto classes the tests call load mPLUG-Owl2 and Qwen-VL-Chat as prune does
 DROPPED = [3, 5]
 ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl", "mplug_owl2", "qwen")
 # Qwen resizes images to multiples of 28 pixels: these two sizes give 9 and 35 image tokens.
