@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints built once per test session, offline."""
+"""Shared fixtures: tiny LLaVA, Qwen2-VL, Qwen2.5-VL, mPLUG-Owl2 and Qwen-VL-Chat checkpoints built once per test
+session, offline."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
 from shortlvlm_vllm.prune.recipe import PruneRecipe
 from shortlvlm_vllm.tiny_models import build_tiny_llava
 from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
+from tests.tiny_qwen import build_tiny_qwen
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
-register_with_transformers()  # the Auto classes the tests call load mPLUG-Owl2 as prune and the reference do
+register_with_transformers()  # the Auto classes the tests call load mPLUG-Owl2 and Qwen-VL-Chat as prune does
 DROPPED = [3, 5]
-ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl", "mplug_owl2")
+ARCHITECTURES = ("llava", "qwen2_vl", "qwen2_5_vl", "mplug_owl2", "qwen")
 # Qwen resizes images to multiples of 28 pixels: these two sizes give 9 and 35 image tokens.
 IMAGE_SIZES = ((96, 80), (200, 150))
 
@@ -46,6 +48,12 @@ def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mplug_owl2(tmp_path_factory) -> Path:
     return build_tiny_mplug_owl2(tmp_path_factory.mktemp("models") / "tiny-mplug-owl2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """Qwen-VL-Chat in the original remote-code layout."""
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny-qwen")
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)
@@ -105,6 +113,11 @@ def scp_pruned_qwen2_5_vl(tiny_qwen2_5_vl, llava_calib, tmp_path_factory) -> Pat
 @pytest.fixture(scope="session")
 def scp_pruned_mplug_owl2(tiny_mplug_owl2, llava_calib, tmp_path_factory) -> Path:
     return _cli_tis_scp(tiny_mplug_owl2, llava_calib, tmp_path_factory.mktemp("models") / "tiny-mplug-owl2-tis-scp")
+
+
+@pytest.fixture(scope="session")
+def scp_pruned_qwen(tiny_qwen, llava_calib, tmp_path_factory) -> Path:
+    return _cli_tis_scp(tiny_qwen, llava_calib, tmp_path_factory.mktemp("models") / "tiny-qwen-tis-scp")
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)

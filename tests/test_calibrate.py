@@ -162,8 +162,9 @@ def test_identity_layer_is_most_redundant_for_every_cosine_method(tiny_vlm):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="sdpa").eval()
     adapter = _adapter(model)
     layer = adapter.decoder_layers(model)[5]
-    layer.self_attn.o_proj.weight.zero_()
-    layer.mlp.down_proj.weight.zero_()  # the layer now returns its input unchanged
+    weights = dict(adapter.layer_weights)
+    for role in ("o_proj", "down_proj"):  # the layer now returns its input unchanged
+        layer.get_parameter(weights[role]).zero_()
     processor = AutoProcessor.from_pretrained(tiny_vlm)
     stats = run_calibration(model, processor, adapter, _samples(3), candidates=[4, 5, 6, 7])
     assert stats.num_samples == 3 and stats.features.shape == (8, 3, 128)

@@ -23,6 +23,7 @@ from shortlvlm_vllm.quantize import driver as quantize
 from shortlvlm_vllm.serving.launcher import VLLMServer, has_cuda
 from shortlvlm_vllm.tiny_models import build_byte_tokenizer, build_tiny_llava, make_llava, save_hub_checkpoint
 from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
+from tests.tiny_qwen import build_tiny_qwen
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 from .conftest import random_image
@@ -329,6 +330,7 @@ ARCHITECTURE_SOURCES = {  # builder, the vision side's key prefixes, the decoder
     "qwen2_vl": (lambda out: build_tiny_qwen_vl(out, "qwen2_vl", num_layers=2), ("visual.",), "model.layers."),
     "mplug_owl2": (lambda out: build_tiny_mplug_owl2(out, num_layers=2),
                    ("model.vision_model.", "model.visual_abstractor."), "model.layers."),
+    "qwen": (lambda out: build_tiny_qwen(out, num_layers=2), ("transformer.visual.",), "transformer.h."),
 }
 
 

@@ -1,8 +1,8 @@
 """vLLM serving the pruned checkpoint through the OpenAI API: agreement with transformers,
 streaming, concurrency, the evaluation client, and bad requests. One server per served checkpoint:
-the tiny LLaVA pruned by hand and by TIS + SCP, and the tiny Qwen2-VL, Qwen2.5-VL and mPLUG-Owl2 pruned by
-TIS + SCP with `shortlvlm prune` (mPLUG-Owl2 through the plugin's MPLUGOwl2LlamaForCausalLM, against the
-project's reference model of it)."""
+the tiny LLaVA pruned by hand and by TIS + SCP, and the tiny Qwen2-VL, Qwen2.5-VL, mPLUG-Owl2 and Qwen-VL-Chat
+pruned by TIS + SCP with `shortlvlm prune` (mPLUG-Owl2 and Qwen-VL-Chat through the plugin's
+MPLUGOwl2LlamaForCausalLM and QWenLMHeadModel, against the project's reference models of them)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from shortlvlm_vllm.serving.launcher import VLLMServer
 
 from .conftest import IMAGE_SIZES, random_image
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]  # five server starts; one can take 10 minutes on a busy CPU
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]  # six server starts; one can take 10 minutes on a busy CPU
 MODEL = "pruned"
 QUESTIONS = ["What is in the image?", "Describe the colours.", "Is there a square? Answer yes or no."]
 NEW_TOKENS = 8
@@ -32,12 +32,13 @@ TOP = 5
 @pytest.fixture(
     scope="module",
     params=["pruned_llava", "scp_pruned_llava", "scp_pruned_qwen2_vl", "scp_pruned_qwen2_5_vl",
-            "scp_pruned_mplug_owl2"],
-    ids=["llava-explicit", "llava-tis-scp", "qwen2-vl-tis-scp", "qwen2.5-vl-tis-scp", "mplug-owl2-tis-scp"],
+            "scp_pruned_mplug_owl2", "scp_pruned_qwen"],
+    ids=["llava-explicit", "llava-tis-scp", "qwen2-vl-tis-scp", "qwen2.5-vl-tis-scp", "mplug-owl2-tis-scp",
+         "qwen-vl-chat-tis-scp"],
 )
 def served_checkpoint(request):
     """Each test runs against LLaVA with layers removed by hand and with TIS + folded SCP, and against
-    Qwen2-VL, Qwen2.5-VL and mPLUG-Owl2 pruned with TIS + folded SCP."""
+    Qwen2-VL, Qwen2.5-VL, mPLUG-Owl2 and Qwen-VL-Chat pruned with TIS + folded SCP."""
     return request.getfixturevalue(request.param)
 
 

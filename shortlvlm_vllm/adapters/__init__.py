@@ -10,10 +10,11 @@ from __future__ import annotations
 from shortlvlm_vllm.adapters.base import ArchitectureAdapter
 from shortlvlm_vllm.adapters.llava import LLAVA
 from shortlvlm_vllm.adapters.mplug_owl2 import MPLUG_OWL2
+from shortlvlm_vllm.adapters.qwen import QWEN
 from shortlvlm_vllm.adapters.qwen_vl import QWEN2_5_VL, QWEN2_VL
 from shortlvlm_vllm.errors import ShortLVLMError
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, MPLUG_OWL2)
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, MPLUG_OWL2, QWEN)
 
 
 def supported_model_types() -> list[str]:

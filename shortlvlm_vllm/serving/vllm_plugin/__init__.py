@@ -23,6 +23,8 @@ REGISTERED_CLASSES: dict[str, str] = {
         "shortlvlm_vllm.serving.vllm_plugin.qwen_vl:ShortQwen2_5_VLForConditionalGeneration",
     # mPLUG-Owl2 under its checkpoint's own name: vLLM has no class for it
     "MPLUGOwl2LlamaForCausalLM": "shortlvlm_vllm.serving.vllm_plugin.mplug_owl2:MPLUGOwl2LlamaForCausalLM",
+    # Qwen-VL-Chat under its checkpoint's own name: vLLM dropped its class in 0.23
+    "QWenLMHeadModel": "shortlvlm_vllm.serving.vllm_plugin.qwen:QWenLMHeadModel",
 }
 
 # model_type -> the registered class that serves a visual-token budget for it
