@@ -1,6 +1,6 @@
 """`shortlvlm quantize`: W4A16 checkpoints made by llm-compressor in .venv-quant (rtn, gptq, awq) on a
-tiny LLaVA, Qwen2-VL and mPLUG-Owl2, their layout and numbers, vLLM serving the GPTQ one of each, and bad input.
-Each method runs once per module and architecture."""
+tiny LLaVA, Qwen2-VL, Qwen2.5-VL and mPLUG-Owl2, their layout and numbers, vLLM serving the GPTQ one of each,
+and bad input. Each method runs once per module and architecture."""
 
 from __future__ import annotations
 
@@ -328,10 +328,11 @@ def test_worker_crash_is_reported_with_its_last_lines(source, tmp_path, capsys, 
     assert streamed == ["loading the model", "pass 50%", "pass 100%", "RuntimeError: boom"]
 
 
-# Qwen2-VL and mPLUG-Owl2: hidden 128, intermediate 256, key/value width 64 or 128, so every quantized matrix fits the
-# CPU kernel and the group size.
+# Qwen2-VL, Qwen2.5-VL and mPLUG-Owl2: hidden 128, intermediate 256, key/value width 64 or 128, so every quantized
+# matrix fits the CPU kernel and the group size.
 ARCHITECTURE_SOURCES = {  # builder, the vision side's key prefixes, the decoder layers' key prefix
     "qwen2_vl": (lambda out: build_tiny_qwen_vl(out, "qwen2_vl", num_layers=2), ("visual.",), "model.layers."),
+    "qwen2_5_vl": (lambda out: build_tiny_qwen_vl(out, "qwen2_5_vl", num_layers=2), ("visual.",), "model.layers."),
     "mplug_owl2": (lambda out: build_tiny_mplug_owl2(out, num_layers=2),
                    ("model.vision_model.", "model.visual_abstractor."), "model.layers."),
 }
@@ -434,8 +435,8 @@ def test_other_architectures_track_the_source_and_gptq_beats_rtn(other_source, o
 @pytest.mark.parametrize("architecture", list(ARCHITECTURE_SOURCES))
 @torch.no_grad()
 def test_vllm_serves_the_gptq_checkpoint_of_other_architectures(other_quantized, architecture, tmp_path):
-    """Qwen2-VL through vLLM's own class, mPLUG-Owl2 through the plugin's, each with its W4A16 weights on the CPU
-    kernel: the same rule as for LLaVA against the dequantized model in transformers."""
+    """Qwen2-VL and Qwen2.5-VL through vLLM's own classes, mPLUG-Owl2 through the plugin's, each with its W4A16
+    weights on the CPU kernel: the same rule as for LLaVA against the dequantized model in transformers."""
     checkpoint = other_quantized(architecture, "gptq")
     processor = AutoProcessor.from_pretrained(checkpoint)
     dense = _dense_copy(checkpoint)
