@@ -9,9 +9,9 @@ from pathlib import Path
 import openai
 import torch
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
-from shortlvlm_vllm.adapters.llava import LLAVA
+from shortlvlm_vllm.adapters import adapter_for_config
 from shortlvlm_vllm.chat import data_url, image_message, template_image_turn
 from shortlvlm_vllm.serving.visual_tokens import (
     keep_most_attended,
@@ -23,20 +23,25 @@ from shortlvlm_vllm.serving.visual_tokens import (
 )
 from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY, attach_side_paths
 
-LAYER = "language_model.model.layers."
 TOP = 5
 
 
-def with_side_paths(checkpoint: Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
-    """Stock transformers' LLaVA (it ignores the bases) with the side paths attached and their bases loaded."""
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager").eval()
-    spec = json.loads((checkpoint / "config.json").read_text())["short_lvlm"][CONFIG_KEY]
-    side_paths = attach_side_paths(LLAVA.decoder_layers(model), spec, model.config.text_config.hidden_size)
-    tensors = {}
+def with_side_paths(checkpoint: Path, dtype: torch.dtype = torch.float32):
+    """The checkpoint's stock transformers class (it ignores the bases) with the side paths attached and their bases
+    loaded: LLaVA, Qwen2-VL / Qwen2.5-VL, or the project's mPLUG-Owl2 reference."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    adapter = adapter_for_config(config)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager").eval()
+    side_paths = attach_side_paths(adapter.decoder_layers(model), config["short_lvlm"][CONFIG_KEY],
+                                   model.config.get_text_config().hidden_size)
+    loaded = set()
     for shard in sorted(checkpoint.glob("*.safetensors")):
-        tensors |= load_file(shard)
-    for layer, side_path in side_paths.items():
-        side_path.basis.copy_(tensors[f"{LAYER}{layer}.{BASIS_KEY}"])
+        for key, tensor in load_file(shard).items():
+            match = adapter.match_layer_key(key)
+            if match and match[2] == f".{BASIS_KEY}":
+                side_paths[match[1]].basis.copy_(tensor)
+                loaded.add(match[1])
+    assert loaded == set(side_paths), (loaded, sorted(side_paths))
     return model
 
 

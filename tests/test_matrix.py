@@ -12,7 +12,12 @@ import pytest
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.matrix import Arm, Matrix, MatrixConfig, load_config
 from shortlvlm_vllm.evaluation.tables import pareto_front, write_tables
-from shortlvlm_vllm.serving.vllm_plugin import SHORT_LLAVA_ARCHITECTURE
+from shortlvlm_vllm.serving.visual_tokens import fraction_token_count
+from shortlvlm_vllm.serving.vllm_plugin import (
+    MROPE_RECOMPUTE_ARGS,
+    SHORT_LLAVA_ARCHITECTURE,
+    SHORT_QWEN2_VL_ARCHITECTURE,
+)
 
 CONFIGS = Path(__file__).parent.parent / "eval" / "configs"
 
@@ -59,6 +64,36 @@ def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tin
     random_kwargs, _ = matrix.server_kwargs(Arm(0.0, "-", "-", "none", 0.25, "random"), tiny_llava)
     overrides = json.loads(random_kwargs["extra_args"][-1])
     assert overrides["short_lvlm"] == {"visual_tokens": 16, "visual_token_selection": "random"}
+
+
+def test_qwen_token_fractions_take_their_share_of_the_largest_image(tiny_qwen2_vl, tmp_path):
+    """Qwen2-VL's token count grows with the image: the adapter says to count the most an image gets under the
+    processor's pixel limit (the fixture's 64 * 28 * 28 pixels: 64 merged tokens), and the arm's server gets the
+    M-RoPE switch the budgeted class needs."""
+    config = json.loads((tiny_qwen2_vl / "config.json").read_text())
+    assert fraction_token_count(tiny_qwen2_vl, config) == 64
+    matrix = Matrix(MatrixConfig(model=str(tiny_qwen2_vl), arms=[], server={"extra_args": ["--seed", "1"]}), tmp_path)
+    kwargs, budget = matrix.server_kwargs(Arm(0.0, "-", "-", "none", 0.25), tiny_qwen2_vl)
+    assert budget == 16
+    assert kwargs["extra_args"][:4] == [*MROPE_RECOMPUTE_ARGS, "--seed", "1"]
+    assert kwargs["extra_args"][4] == "--hf-overrides"
+    overrides = json.loads(kwargs["extra_args"][5])
+    assert overrides["architectures"] == [SHORT_QWEN2_VL_ARCHITECTURE]
+    assert overrides["short_lvlm"]["visual_tokens"] == 16
+    # The hub's own layout (Qwen/Qwen2-VL-2B-Instruct): a flat preprocessor_config.json with max_pixels.
+    hub = shutil.copytree(tiny_qwen2_vl, tmp_path / "hub")
+    (hub / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 12845056, "min_pixels": 3136,
+                                                              "patch_size": 14, "merge_size": 2}))
+    assert fraction_token_count(hub, config) == 16384
+    (hub / "preprocessor_config.json").write_text(json.dumps({"patch_size": 14, "merge_size": 2}))
+    with pytest.raises(ShortLVLMError, match="pixel limit"):
+        fraction_token_count(hub, config)
+
+
+def test_token_fractions_of_an_architecture_without_visual_token_pruning(tiny_mplug_owl2):
+    config = json.loads((tiny_mplug_owl2 / "config.json").read_text())
+    with pytest.raises(ShortLVLMError, match="visual-token pruning does not apply to model type 'mplug_owl2'"):
+        fraction_token_count(tiny_mplug_owl2, config)
 
 
 @pytest.mark.parametrize(("text", "message"), [

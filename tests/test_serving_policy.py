@@ -121,7 +121,8 @@ def test_cpu_servers_get_a_fixed_mmap_threshold_unless_the_user_set_one(monkeypa
     monkeypatch.setattr(launcher, "has_cuda", lambda: False)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert server_env()["MALLOC_MMAP_THRESHOLD_"] == "131072"
-    assert any("MALLOC_MMAP_THRESHOLD_=131072" in line for line in launcher.describe_policy(ServingPolicy(), "::1", None))
+    lines = launcher.describe_policy(ServingPolicy(), "::1", None)
+    assert any("MALLOC_MMAP_THRESHOLD_=131072" in line for line in lines)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
     assert server_env()["MALLOC_MMAP_THRESHOLD_"] == "4194304"
     assert any("=4194304 (as set)" in line for line in launcher.describe_policy(ServingPolicy(), "::1", None))

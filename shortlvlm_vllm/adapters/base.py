@@ -43,6 +43,10 @@ class ArchitectureAdapter:
         pruned with SCP); None where there is none yet.
     saved_buffers: name endings of tensors the original code saves but a loaded model recomputes (fixed
         position tables): copied from the source where a pass rewrites the weights, skipped by loaders.
+    image_tokens: how many tokens an image gives the language model, the N a visual-token fraction takes its share
+        of: "vision_grid" (fixed, (image_size / patch_size)^2 of config.json's vision_config), "max_pixels" (it grows
+        with the image: the most an image gets under the processor's pixel limit, in merged patches), or None where
+        visual-token pruning does not apply.
     """
 
     model_type: str
@@ -72,6 +76,7 @@ class ArchitectureAdapter:
     awq_mappings: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_AWQ_MAPPINGS
     side_path_architecture: str | None = None
     saved_buffers: tuple[str, ...] = ()
+    image_tokens: str | None = None
 
     def match_layer_key(self, key: str) -> tuple[str, int, str] | None:
         """(prefix, layer index, rest) if `key` belongs to a decoder layer, else None."""

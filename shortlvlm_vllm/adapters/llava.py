@@ -18,4 +18,5 @@ LLAVA = ArchitectureAdapter(
     ),
     quantization_ignore=("re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"),
     side_path_architecture="ShortLlavaForConditionalGeneration",
+    image_tokens="vision_grid",
 )

@@ -26,6 +26,9 @@ QWEN2_VL = ArchitectureAdapter(
     layer_boundary_config_keys=("max_window_layers",),
     image_token_config_key="image_token_id",
     quantization_ignore=("re:.*lm_head", "re:.*visual.*"),
+    side_path_architecture="ShortQwen2VLForConditionalGeneration",
+    image_tokens="max_pixels",
 )
 
-QWEN2_5_VL = replace(QWEN2_VL, model_type="qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",))
+QWEN2_5_VL = replace(QWEN2_VL, model_type="qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",),
+                     side_path_architecture="ShortQwen2_5_VLForConditionalGeneration")

@@ -468,17 +468,20 @@ class Matrix:
         return self.config.model if checkpoint == self.source() else portable_name(checkpoint, self.out)
 
     def server_kwargs(self, arm: Arm, checkpoint: Path) -> tuple[dict, int | None]:
-        """The arm's VLLMServer arguments (with the visual-token budget as --hf-overrides) and its K (None: all)."""
-        from shortlvlm_vllm.serving.visual_tokens import image_token_count
-        from shortlvlm_vllm.serving.vllm_plugin import budget_overrides
+        """The arm's VLLMServer arguments (with the visual-token budget as --hf-overrides, and what the class that
+        serves it needs besides) and its K (None: all)."""
+        from shortlvlm_vllm.serving.visual_tokens import fraction_token_count
+        from shortlvlm_vllm.serving.vllm_plugin import budget_overrides, serving_args
 
         kwargs = dict(self.config.server)
         if arm.token_fraction == 1:
             return kwargs, None
         config = json.loads((checkpoint / "config.json").read_text())
-        budget = arm.visual_tokens(image_token_count(config))
-        kwargs["extra_args"] = [*kwargs.get("extra_args", []), "--hf-overrides",
-                                json.dumps(budget_overrides(config, budget, arm.token_selection))]
+        budget = arm.visual_tokens(fraction_token_count(checkpoint, config))
+        overrides = budget_overrides(config, budget, arm.token_selection)
+        # the served class's own arguments first: vLLM takes an option's last value, so the config's extra_args win
+        kwargs["extra_args"] = [*serving_args({**config, **overrides}), *kwargs.get("extra_args", []),
+                                "--hf-overrides", json.dumps(overrides)]
         return kwargs, budget
 
 

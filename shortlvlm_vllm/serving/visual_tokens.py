@@ -28,7 +28,9 @@ pruned prompt is the full prompt with the dropped tokens taken out (prompt_mrope
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -70,6 +72,42 @@ def image_token_count(config: Mapping) -> int:
             f"not {strategy!r}."
         )
     return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def fraction_token_count(checkpoint: Path, config: Mapping) -> int:
+    """N, the tokens per image that a visual-token fraction of `checkpoint` (config.json as `config`) takes its share
+    of, by the architecture's adapter: LLaVA's fixed count; for Qwen2-VL / Qwen2.5-VL, whose count grows with the
+    image, the most merged tokens an image gets under the checkpoint's processor (its pixel limit), so that the
+    largest images keep the fraction and smaller ones min(K, their N)."""
+    from shortlvlm_vllm.adapters import adapter_for_config
+
+    adapter = adapter_for_config(config, str(checkpoint))
+    if adapter.image_tokens == "vision_grid":
+        return image_token_count(config)
+    if adapter.image_tokens == "max_pixels":
+        return max_image_tokens(checkpoint, config)
+    raise ShortLVLMError(f"visual-token pruning does not apply to model type {adapter.model_type!r}: drop the token "
+                         f"fraction for it.")
+
+
+def max_image_tokens(checkpoint: Path, config: Mapping) -> int:
+    """The most merged tokens a Qwen2-VL / Qwen2.5-VL image gets: the image processor's pixel limit (`max_pixels`
+    in the hub's preprocessor_config.json, `size.longest_edge` as transformers 5 writes processor_config.json) over
+    the area of one merged patch."""
+    checkpoint = Path(checkpoint)
+    settings = {}
+    if (checkpoint / "preprocessor_config.json").is_file():
+        settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    elif (checkpoint / "processor_config.json").is_file():
+        settings = json.loads((checkpoint / "processor_config.json").read_text()).get("image_processor") or {}
+    max_pixels = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge")
+    if not max_pixels:
+        raise ShortLVLMError(f"{checkpoint} has no image processor settings with a pixel limit (max_pixels), so the "
+                             f"token count a visual-token fraction takes its share of is unknown.")
+    vision = config.get("vision_config") or {}
+    side = settings.get("patch_size", vision.get("patch_size")) * settings.get("merge_size",
+                                                                               vision.get("spatial_merge_size"))
+    return max(1, max_pixels // side**2)
 
 
 def budget_limit(config: Mapping) -> int | None:

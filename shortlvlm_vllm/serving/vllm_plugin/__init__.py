@@ -59,8 +59,12 @@ def budget_architecture(config: Mapping, budget: int) -> str:
 
 
 def serving_args(config: Mapping) -> list[str]:
-    """The vLLM arguments a checkpoint's registered class needs beyond its config.json (config.json as a dict)."""
-    if set(config.get("architectures") or ()) & set(MROPE_RECOMPUTE_ARCHITECTURES):
+    """The vLLM arguments a checkpoint's registered class needs beyond its config.json (config.json as a dict): the
+    M-RoPE switch for a Qwen class with a budget (one that only applies side paths takes videos as the stock class
+    does, so the switch, which also turns on Qwen2.5-VL's video pruning, stays off)."""
+    from shortlvlm_vllm.serving.visual_tokens import configured_budget
+
+    if set(config.get("architectures") or ()) & set(MROPE_RECOMPUTE_ARCHITECTURES) and configured_budget(config):
         return list(MROPE_RECOMPUTE_ARGS)
     return []
 

@@ -9,7 +9,6 @@ Without a budget, or with K equal to the image's token count, the class is vLLM'
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from functools import cached_property
 
 import torch
@@ -34,7 +33,7 @@ from shortlvlm_vllm.serving.visual_tokens import (
     random_visual_tokens,
     select_visual_tokens,
 )
-from shortlvlm_vllm.serving.vllm_plugin.side_path import attach_side_paths, check_side_paths_loaded, side_path_spec
+from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths
 
 
 class ShortLlavaProcessingInfo(LlavaProcessingInfo):
@@ -54,22 +53,15 @@ class ShortLlavaProcessingInfo(LlavaProcessingInfo):
 @MULTIMODAL_REGISTRY.register_processor(
     LlavaMultiModalProcessor, info=ShortLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class ShortLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class ShortLlavaForConditionalGeneration(DeclaredSidePaths, LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config.to_dict()
         self.visual_tokens = configured_budget(config)
         self.selects_tokens = self.visual_tokens is not None and self.visual_tokens < image_token_count(config)
         self.selection, self.selection_seed = configured_selection(config)
-        # config-driven extras (e.g. SCP side paths) are attached here
-        side_paths = side_path_spec(config.get("short_lvlm"))
-        if side_paths:
-            attach_side_paths(self.language_model.model.layers, side_paths, self.config.text_config.hidden_size)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
-        check_side_paths_loaded(self, loaded)
-        return loaded
+        self.attach_declared_side_paths(self.language_model.model.layers, config.get("short_lvlm"),
+                                        self.config.text_config.hidden_size)
 
     def _image_pixels_to_features(self, vision_tower, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.selects_tokens:

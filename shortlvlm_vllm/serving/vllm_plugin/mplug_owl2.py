@@ -55,7 +55,7 @@ from shortlvlm_vllm.models.mplug_owl2 import (
     VisualAbstractor,
     tokenize_prompt,
 )
-from shortlvlm_vllm.serving.vllm_plugin.side_path import attach_side_paths, check_side_paths_loaded, side_path_spec
+from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths, check_side_paths_loaded
 
 # The decoder's stacked parameters: (vLLM parameter, checkpoint name, shard)
 STACKED = (("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
@@ -201,7 +201,7 @@ class MPLUGOwl2Model(nn.Module):
 
 @MULTIMODAL_REGISTRY.register_processor(
     MPLUGOwl2MultiModalProcessor, info=MPLUGOwl2ProcessingInfo, dummy_inputs=MPLUGOwl2DummyInputsBuilder)
-class MPLUGOwl2LlamaForCausalLM(nn.Module, SupportsMultiModal):
+class MPLUGOwl2LlamaForCausalLM(DeclaredSidePaths, nn.Module, SupportsMultiModal):
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
     @classmethod
@@ -219,10 +219,7 @@ class MPLUGOwl2LlamaForCausalLM(nn.Module, SupportsMultiModal):
                                       prefix="lm_head")
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.visual: torch.Tensor | None = None  # image-token mask of the next forward
-        # config-driven extras (SCP side paths on a quantized source) are attached here
-        side_paths = side_path_spec(config.to_dict().get("short_lvlm"))
-        if side_paths:
-            attach_side_paths(self.model.layers, side_paths, config.hidden_size)
+        self.attach_declared_side_paths(self.model.layers, config.to_dict().get("short_lvlm"), config.hidden_size)
 
     def get_language_model(self) -> nn.Module:
         return self
@@ -280,5 +277,5 @@ class MPLUGOwl2LlamaForCausalLM(nn.Module, SupportsMultiModal):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
-        check_side_paths_loaded(self, loaded)
+        check_side_paths_loaded(self, loaded)  # this class's own loader: the mixin's load_weights does not wrap it
         return loaded

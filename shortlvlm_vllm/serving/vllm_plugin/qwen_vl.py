@@ -13,6 +13,9 @@ with --video-pruning-rate > 0 (vllm_plugin.MROPE_RECOMPUTE_ARGS; `shortlvlm serv
 classes refuse to start without it, and refuse, each with its reason, what the hook does not cover: videos,
 pipeline parallelism (only the first stage's positions are corrected), the vision tower in data-parallel mode
 (its own sharded path), and a Qwen2.5-VL whose last vision block uses window attention.
+
+The classes also apply SCP side paths (a quantized source pruned with SCP, `short_lvlm.side_paths`), with or without a
+budget, the way the LLaVA class does (side_path.DeclaredSidePaths).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from shortlvlm_vllm.serving.visual_tokens import (
     prompt_mrope_positions,
     received_attention,
 )
+from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths
 
 POSITION_CHANNELS = 4  # (t, h, w, extent) appended to each kept token's embedding
 
@@ -91,11 +95,16 @@ class _BudgetProcessor:
         return [PromptReplacement(modality="image", target=[image_token], replacement=kept_placeholders)]
 
 
-class _VisualTokenBudget:
-    """The budget's model side, shared by both classes (first in their bases, so it wraps the stock methods)."""
+class _VisualTokenBudget(DeclaredSidePaths):
+    """The budget's model side and the side paths, shared by both classes (first in their bases, so it wraps the
+    stock methods)."""
 
-    def _init_budget(self, vllm_config: VllmConfig) -> None:
-        self.visual_tokens = configured_budget(self.config.to_dict())
+    def _init_short_lvlm(self, vllm_config: VllmConfig) -> None:
+        """The side paths and the budget config.json declares (after the stock __init__ has built the layers)."""
+        config = self.config.to_dict()
+        self.attach_declared_side_paths(self.language_model.model.layers, config.get("short_lvlm"),
+                                        self.config.text_config.hidden_size)
+        self.visual_tokens = configured_budget(config)
         if self.visual_tokens is None:
             return
         why = None
@@ -197,7 +206,7 @@ class ShortQwen2VLForConditionalGeneration(_VisualTokenBudget, Qwen2VLForConditi
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_budget(vllm_config)
+        self._init_short_lvlm(vllm_config)
         if self.visual_tokens is None:
             self.supports_multimodal_pruning = False  # stock Qwen2-VL: vLLM never asks it to correct positions
 
@@ -216,4 +225,4 @@ class ShortQwen2_5_VLMultiModalProcessor(_BudgetProcessor, Qwen2_5_VLMultiModalP
 class ShortQwen2_5_VLForConditionalGeneration(_VisualTokenBudget, Qwen2_5_VLForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_budget(vllm_config)
+        self._init_short_lvlm(vllm_config)

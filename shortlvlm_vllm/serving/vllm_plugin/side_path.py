@@ -13,8 +13,9 @@ firing under --enable-lora. With a LoRA adapter the side path corrects the adapt
 `down_proj` (its checkpoint name, `...mlp.down_proj.scp_side_path.basis`, is unchanged).
 
 Which layers carry one and at what rank is declared in config.json (`short_lvlm.side_paths`, new
-layer numbering), so a model class creates the buffers before its weights load. Pure torch: the
-same code attaches to vLLM's decoder layers and to transformers' (for checks against the folded form).
+layer numbering), so a model class creates the buffers before its weights load (DeclaredSidePaths, shared by
+the registered classes). Pure torch: the same code attaches to vLLM's decoder layers and to transformers' (for
+checks against the folded form).
 """
 
 from __future__ import annotations
@@ -99,3 +100,20 @@ def check_side_paths_loaded(model: nn.Module, loaded: Iterable[str]) -> None:
             f"it is incomplete: prune the source again."
         )
 
+
+
+class DeclaredSidePaths:
+    """The side paths config.json declares, for a registered vLLM class: a mixin first in its bases, whose __init__
+    calls attach_declared_side_paths once the layers exist; its load_weights checks the bases after the stock
+    class's loader (a class that defines its own loader calls check_side_paths_loaded there instead)."""
+
+    def attach_declared_side_paths(self, layers: Sequence[nn.Module], short_lvlm: Mapping | None,
+                                   hidden_size: int) -> None:
+        spec = side_path_spec(short_lvlm)
+        if spec:
+            attach_side_paths(layers, spec, hidden_size)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        check_side_paths_loaded(self, loaded)
+        return loaded
