@@ -383,7 +383,7 @@ def test_other_architectures_quantize_every_decoder_linear_and_nothing_of_the_vi
     """The worker loads each architecture's own class and takes its ignore list (and AWQ's mappings) from the
     adapter: every 2-D weight of the decoder layers (mPLUG-Owl2's text and image copies of k/v included) is packed,
     the vision side, embeddings, final norm and lm_head are copied unchanged, and the ignore list names the vision
-    modules as the source does. AWQ folds its smoothing into the norms its mappings start from (Qwen2-VL's layer
+    modules as the source does. AWQ folds its smoothing into the norms its mappings start from (the Qwen layer
     norms; mPLUG-Owl2 smooths only up_proj -> down_proj, its norms being text and image copies)."""
     _, vision, decoder = ARCHITECTURE_SOURCES[architecture]
     source, out = other_source(architecture), other_quantized(architecture, method)
@@ -393,13 +393,16 @@ def test_other_architectures_quantize_every_decoder_linear_and_nothing_of_the_vi
     if architecture == "mplug_owl2":
         assert "model.layers.1.self_attn.k_proj.multiway.1" in linear
     adapter = open_checkpoint(source).adapter
-    smoothed_norms = method == "awq" and any("layernorm" in smooth for smooth, _ in adapter.awq_mappings)
+    # the norms AWQ smooths from: its mappings' smoothing modules that are 1-D weights (not linears) in the source
+    norms = {smooth for smooth, _ in adapter.awq_mappings
+             if any(k.endswith(f".{smooth}.weight") and v.dim() == 1 for k, v in src.items())}
     changed = []
     for name, tensor in src.items():
         if name.removesuffix(".weight") not in linear and not torch.equal(written[name], tensor):
             changed.append(name)
-    if smoothed_norms:
-        assert changed and all(name.startswith(decoder) and "layernorm" in name for name in changed), changed
+    if method == "awq" and norms:
+        assert changed and all(name.startswith(decoder) and any(name.endswith(f".{norm}.weight") for norm in norms)
+                               for name in changed), changed
     else:
         assert not changed, changed
     config = json.loads((out / "config.json").read_text())

@@ -303,8 +303,10 @@ class Matrix:
         results = []
         for i, arm in enumerate(self.config.arms, 1):
             log.info("arm %d/%d: %s", i, len(self.config.arms), arm.name)
+            measured_before = (self.out / "arms" / arm.slug / RESULT_NAME).is_file()
             results.append(self.measure_accuracy(arm, results))
-            write_tables(results, self.out)
+            if not measured_before:  # arms read back change nothing until the next new one (tables are slow at size)
+                write_tables(results, self.out)
         speeds = self.measure_throughput(results)
         for result in results:
             result["throughput"] = speeds.get(result["throughput_key"])
