@@ -97,31 +97,40 @@ def plot_accuracy_by_ratio(rows: Sequence[Mapping], seeds: Sequence[Mapping], gr
     for r in rows:
         if r["ratio"] and r["localize"] != "random":
             lines.setdefault((r["localize"], r["compensate"]), []).append(r)
+    # one colour per localizer, one line style and marker per compensation: a dozen lines stay readable
+    colours = {loc: f"C{i}" for i, loc in enumerate(sorted({loc for loc, _ in lines}))}
+    styles = {comp: (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"))[i % 4]
+              for i, comp in enumerate(sorted({comp for _, comp in lines}))}
     for ax, name in zip(flat, names, strict=False):
         key = "accuracy" if name == "accuracy" else name
         for (localize, compensate), arms in sorted(lines.items()):
             arms = sorted(arms, key=lambda r: r["ratio"])
             xs = [100 * r["ratio"] for r in arms]
             ys = [100 * r[key] for r in arms]
+            ls, marker = styles[compensate]
+            style = {"color": colours[localize], "ls": ls, "marker": marker, "ms": 3, "lw": 1,
+                     "label": f"{localize}+{compensate}"}
             if name == "accuracy":
                 err = [[y - 100 * r["accuracy_low"] for y, r in zip(ys, arms, strict=True)],
                        [100 * r["accuracy_high"] - y for y, r in zip(ys, arms, strict=True)]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, lw=1, capsize=2, label=f"{localize}+{compensate}")
+                ax.errorbar(xs, ys, yerr=err, capsize=2, **style)
             else:
-                ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"{localize}+{compensate}")
+                ax.plot(xs, ys, **style)
         for compensate in sorted({s["compensate"] for s in seeds}):
             chosen = sorted((s for s in seeds if s["compensate"] == compensate), key=lambda s: s["ratio"])
             stats = [s if name == "accuracy" else s[f"group/{name}"] for s in chosen]
             xs = [100 * s["ratio"] for s in chosen]
-            line, = ax.plot(xs, [100 * s["mean"] for s in stats], ls=":", marker="x", ms=4, lw=1,
-                            label=f"random+{compensate} (mean of {len(chosen[0]['seeds'])} seeds, range shaded)")
+            colour = "grey" if compensate == "none" else "black"
+            ax.plot(xs, [100 * s["mean"] for s in stats], color=colour, ls=":", marker="x", ms=4, lw=1,
+                    label=f"random+{compensate} (mean of {len(chosen[0]['seeds'])} seeds, range shaded)")
             ax.fill_between(xs, [100 * s["min"] for s in stats], [100 * s["max"] for s in stats],
-                            color=line.get_color(), alpha=0.15, lw=0)
+                            color=colour, alpha=0.1, lw=0)
         if full is not None:
             ax.axhline(100 * full[key], color="black", lw=0.8, ls="--", label="full model")
         _label_panel(ax, name if name != "accuracy" else "overall (95% intervals)", "decoder layers pruned (%)",
                      "accuracy %", 9, 8, 7)
-    return _finish_panels(fig, flat, len(names), bottom=0.08, top=1)
+    legend_rows = -(-(len(lines) + 2 * bool(seeds) + (full is not None)) // 3)
+    return _finish_panels(fig, flat, len(names), bottom=min(0.3, 0.02 + 0.02 * legend_rows), top=1)
 
 
 def _label_panel(ax, title: str, xlabel: str, ylabel: str, title_size: int, label_size: int, tick_size: int) -> None:
