@@ -21,24 +21,24 @@ from shortlvlm_vllm.serving.visual_tokens import (
     received_attention,
     select_visual_tokens,
 )
-from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY, attach_side_paths
+from shortlvlm_vllm.serving.vllm_plugin.side_path import CONFIG_KEY, attach_side_paths, basis_key
 
 TOP = 5
 
 
 def with_side_paths(checkpoint: Path, dtype: torch.dtype = torch.float32):
     """The checkpoint's stock transformers class (it ignores the bases) with the side paths attached and their bases
-    loaded: LLaVA, Qwen2-VL / Qwen2.5-VL, or the project's mPLUG-Owl2 reference."""
+    loaded: LLaVA, Qwen2-VL / Qwen2.5-VL, or the project's mPLUG-Owl2 or Qwen-VL-Chat reference."""
     config = json.loads((checkpoint / "config.json").read_text())
     adapter = adapter_for_config(config)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager").eval()
     side_paths = attach_side_paths(adapter.decoder_layers(model), config["short_lvlm"][CONFIG_KEY],
-                                   model.config.get_text_config().hidden_size)
+                                   model.config.get_text_config().hidden_size, adapter.side_path_target)
     loaded = set()
     for shard in sorted(checkpoint.glob("*.safetensors")):
         for key, tensor in load_file(shard).items():
             match = adapter.match_layer_key(key)
-            if match and match[2] == f".{BASIS_KEY}":
+            if match and match[2] == f".{basis_key(adapter.side_path_target)}":
                 side_paths[match[1]].basis.copy_(tensor)
                 loaded.add(match[1])
     assert loaded == set(side_paths), (loaded, sorted(side_paths))

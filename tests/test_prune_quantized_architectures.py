@@ -1,6 +1,7 @@
-"""Prune after quantize for Qwen2-VL, Qwen2.5-VL and mPLUG-Owl2: SCP on a W4A16 source is kept as side paths that the
-architecture's registered class applies (ShortQwen2VL / ShortQwen2_5_VL, the plugin's MPLUGOwl2LlamaForCausalLM),
-checked against transformers with the same side paths, as test_prune_quantized does for LLaVA."""
+"""Prune after quantize for Qwen2-VL, Qwen2.5-VL, mPLUG-Owl2 and Qwen-VL-Chat: SCP on a W4A16 source is kept as side
+paths that the architecture's registered class applies (ShortQwen2VL / ShortQwen2_5_VL, the plugin's
+MPLUGOwl2LlamaForCausalLM and QWenLMHeadModel), checked against transformers with the same side paths, as
+test_prune_quantized does for LLaVA."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from shortlvlm_vllm.quantize.dequantize import dequantized_copy
 from shortlvlm_vllm.quantize.driver import QuantizeRecipe, quantize_checkpoint
 from shortlvlm_vllm.serving.launcher import VLLMServer
 from shortlvlm_vllm.serving.vllm_plugin import serving_args
-from shortlvlm_vllm.serving.vllm_plugin.side_path import BASIS_KEY, CONFIG_KEY
+from shortlvlm_vllm.serving.vllm_plugin.side_path import CONFIG_KEY, basis_key
 from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
+from tests.tiny_qwen import build_tiny_qwen
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
 from .conftest import IMAGE_SIZES, random_image
@@ -34,11 +36,13 @@ from .serving_reference import with_side_paths
 
 RANK = 8
 QUESTIONS = ["What is in the image?", "Describe the colours."]
-# Four decoder layers, hidden 128, intermediate 256: shapes vLLM's CPU W4A16 kernel takes.
+# Four decoder layers, hidden 128, intermediate 256 (Qwen-VL-Chat: its MLP's 512 / 2): shapes vLLM's CPU W4A16
+# kernel takes.
 BUILDERS = {
     "qwen2_vl": lambda out: build_tiny_qwen_vl(out, "qwen2_vl", num_layers=4),
     "qwen2_5_vl": lambda out: build_tiny_qwen_vl(out, "qwen2_5_vl", num_layers=4),
     "mplug_owl2": lambda out: build_tiny_mplug_owl2(out, num_layers=4),
+    "qwen": lambda out: build_tiny_qwen(out, num_layers=4),
 }
 
 
@@ -104,7 +108,9 @@ def test_scp_on_a_quantized_source_is_kept_as_side_paths(source, quantized, prun
     renumber = layer_renumbering(4, [pruned])
     assert record[CONFIG_KEY] == {"layers": [renumber[kept]], "rank": RANK, "dtype": "bfloat16"}
     source_tensors, written = _tensors(quantized), _tensors(pruned_quantized)
-    basis = written.pop(f"model.layers.{renumber[kept]}.{BASIS_KEY}")  # the source's own key layout
+    prefix = next(match[0] for name in source_tensors if (match := src.adapter.match_layer_key(name)))
+    # the source's own key layout, at its down-projection (Qwen-VL-Chat: mlp.c_proj)
+    basis = written.pop(f"{prefix}{renumber[kept]}.{basis_key(src.adapter.side_path_target)}")
     assert basis.dtype == torch.bfloat16 and basis.shape == (128, RANK)
     assert torch.allclose(basis.float().T @ basis.float(), torch.eye(RANK), atol=2e-2)
 

@@ -329,8 +329,8 @@ def test_worker_crash_is_reported_with_its_last_lines(source, tmp_path, capsys, 
     assert streamed == ["loading the model", "pass 50%", "pass 100%", "RuntimeError: boom"]
 
 
-# Qwen2-VL, Qwen2.5-VL and mPLUG-Owl2: hidden 128, intermediate 256, key/value width 64 or 128, so every quantized
-# matrix fits the CPU kernel and the group size.
+# Qwen2-VL, Qwen2.5-VL, mPLUG-Owl2 and Qwen-VL-Chat: hidden 128, intermediate 256, key/value width 64 or 128, so
+# every quantized matrix fits the CPU kernel and the group size.
 ARCHITECTURE_SOURCES = {  # builder, the vision side's key prefixes, the decoder layers' key prefix
     "qwen2_vl": (lambda out: build_tiny_qwen_vl(out, "qwen2_vl", num_layers=2), ("visual.",), "model.layers."),
     "qwen2_5_vl": (lambda out: build_tiny_qwen_vl(out, "qwen2_5_vl", num_layers=2), ("visual.",), "model.layers."),
@@ -383,8 +383,9 @@ def test_other_architectures_quantize_every_decoder_linear_and_nothing_of_the_vi
     """The worker loads each architecture's own class and takes its ignore list (and AWQ's mappings) from the
     adapter: every 2-D weight of the decoder layers (mPLUG-Owl2's text and image copies of k/v included) is packed,
     the vision side, embeddings, final norm and lm_head are copied unchanged, and the ignore list names the vision
-    modules as the source does. AWQ folds its smoothing into the norms its mappings start from (the Qwen layer
-    norms; mPLUG-Owl2 smooths only up_proj -> down_proj, its norms being text and image copies)."""
+    modules as the source does. AWQ folds its smoothing into the norms its mappings start from (Qwen2-VL's layer
+    norms, Qwen-VL-Chat's ln_1 and ln_2; mPLUG-Owl2 smooths only up_proj -> down_proj, its norms being text and image
+    copies)."""
     _, vision, decoder = ARCHITECTURE_SOURCES[architecture]
     source, out = other_source(architecture), other_quantized(architecture, method)
     src, written = _tensors(source), _tensors(out)
@@ -393,16 +394,14 @@ def test_other_architectures_quantize_every_decoder_linear_and_nothing_of_the_vi
     if architecture == "mplug_owl2":
         assert "model.layers.1.self_attn.k_proj.multiway.1" in linear
     adapter = open_checkpoint(source).adapter
-    # the norms AWQ smooths from: its mappings' smoothing modules that are 1-D weights (not linears) in the source
-    norms = {smooth for smooth, _ in adapter.awq_mappings
-             if any(k.endswith(f".{smooth}.weight") and v.dim() == 1 for k, v in src.items())}
+    norms = tuple(f".{weight}" for _, weight in adapter.layer_norms)  # Qwen-VL-Chat's are ln_1 and ln_2
+    smoothed_norms = method == "awq" and any(f".{smooth}.weight" in norms for smooth, _ in adapter.awq_mappings)
     changed = []
     for name, tensor in src.items():
         if name.removesuffix(".weight") not in linear and not torch.equal(written[name], tensor):
             changed.append(name)
-    if method == "awq" and norms:
-        assert changed and all(name.startswith(decoder) and any(name.endswith(f".{norm}.weight") for norm in norms)
-                               for name in changed), changed
+    if smoothed_norms:
+        assert changed and all(name.startswith(decoder) and name.endswith(norms) for name in changed), changed
     else:
         assert not changed, changed
     config = json.loads((out / "config.json").read_text())

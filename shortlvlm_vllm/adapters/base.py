@@ -103,6 +103,11 @@ class ArchitectureAdapter:
                 return key
         raise KeyError(f"no {role} weight for decoder layer {layer}")
 
+    @property
+    def side_path_target(self) -> str:
+        """The down-projection's module name inside a decoder layer: where an unfused SCP side path keeps its basis."""
+        return dict(self.layer_weights)["down_proj"].removesuffix(".weight")
+
     def decoder_layers(self, model) -> list:
         """The decoder layers of a loaded transformers model, in order."""
         module = model

@@ -29,4 +29,5 @@ QWEN = ArchitectureAdapter(
     quantization_ignore=("re:.*lm_head", "re:.*visual.*"),
     decoder_module_regex=r"^transformer\.h\.\d+\.",
     awq_mappings=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.w1", "mlp.w2")), ("mlp.w1", ("mlp.c_proj",))),
+    side_path_architecture="QWenLMHeadModel",  # its one class applies them, at mlp.c_proj
 )

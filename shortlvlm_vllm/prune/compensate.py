@@ -95,7 +95,8 @@ class Compensation:
     def side_paths(self, src: SourceCheckpoint, renumber: Mapping[int, int]) -> CheckpointEdits:
         """Each kept layer's basis V as a checkpoint tensor (source key layout and numbering), served by the plugin."""
         prefix = next(m[0] for info in src.tensors() if (m := src.adapter.match_layer_key(info.name)))
-        added = {f"{prefix}{layer}.{side_path.BASIS_KEY}": basis.to(side_path.BASIS_DTYPE).contiguous()
+        key = side_path.basis_key(src.adapter.side_path_target)
+        added = {f"{prefix}{layer}.{key}": basis.to(side_path.BASIS_DTYPE).contiguous()
                  for layer, (basis,) in self.bases.items()}
         spec = {"layers": sorted(renumber[r] for r in self.bases), "rank": self.rank,
                 "dtype": str(side_path.BASIS_DTYPE).removeprefix("torch.")}

@@ -8,6 +8,9 @@ dynamic NTK and no log-n query scaling: both change nothing below `seq_length` (
 derives from this config.json (the smallest of max_position_embeddings and seq_length); a longer --max-model-len
 (which vLLM refuses unless told to allow it) would make the served model differ from the original.
 
+SCP side paths (a quantized source pruned with SCP, `short_lvlm.side_paths`) sit at each declared layer's `mlp.c_proj`
+output, the way the other registered classes apply them (side_path.DeclaredSidePaths).
+
 Prompts: the chat template writes each image as "Picture N:<img></img>"; vLLM's renderer tokenizes the prompt whole
 (the tags are special tokens) and the prompt update puts the image's 256 <imgpad> tokens between the tags.
 """
@@ -44,7 +47,9 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
+from shortlvlm_vllm.adapters.qwen import QWEN
 from shortlvlm_vllm.models.qwen import IMAGE_END, IMAGE_START, QWenConfig, QWenVLProcessor, VisionTransformer
+from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths, check_side_paths_loaded
 
 # The decoder's stacked parameters: (vLLM parameter, checkpoint name, shard)
 STACKED = (("gate_up_proj", "w2", 0), ("gate_up_proj", "w1", 1))
@@ -161,7 +166,7 @@ class QWenModel(nn.Module):
 
 @MULTIMODAL_REGISTRY.register_processor(
     QWenMultiModalProcessor, info=QWenProcessingInfo, dummy_inputs=QWenDummyInputsBuilder)
-class QWenLMHeadModel(nn.Module, SupportsMultiModal):
+class QWenLMHeadModel(DeclaredSidePaths, nn.Module, SupportsMultiModal):
     packed_modules_mapping = {"gate_up_proj": ["w2", "w1"]}
 
     @classmethod
@@ -178,6 +183,8 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix="lm_head")
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.attach_declared_side_paths(self.transformer.h, config.to_dict().get("short_lvlm"), config.hidden_size,
+                                        QWEN.side_path_target)
 
     def get_language_model(self) -> nn.Module:
         return self
@@ -210,6 +217,7 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
+        params.update(dict(self.named_buffers()))
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith((".attn.masked_bias", ".rotary_emb.inv_freq")):  # the original's buffers, if saved
@@ -224,4 +232,5 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
+        check_side_paths_loaded(self, loaded)  # this class's own loader: the mixin's load_weights does not wrap it
         return loaded

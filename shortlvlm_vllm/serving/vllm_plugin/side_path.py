@@ -10,7 +10,8 @@ The side path runs as a forward hook on the layer's MLP, whose output is the dow
 `down_proj` by a wrapper that never calls the original module, so a hook there would silently stop
 firing under --enable-lora. With a LoRA adapter the side path corrects the adapted output,
 (I + V V^T)(W + s B A) x, in vLLM and in transformers alike. The basis stays a buffer of
-`down_proj` (its checkpoint name, `...mlp.down_proj.scp_side_path.basis`, is unchanged).
+the down-projection (its checkpoint name, `...mlp.down_proj.scp_side_path.basis`, is unchanged; Qwen-VL-Chat's
+down-projection is `mlp.c_proj`, so its basis is `...mlp.c_proj.scp_side_path.basis`).
 
 Which layers carry one and at what rank is declared in config.json (`short_lvlm.side_paths`, new
 layer numbering), so a model class creates the buffers before its weights load (DeclaredSidePaths, shared by
@@ -33,13 +34,20 @@ log = logging.getLogger(__name__)
 
 # config.json `short_lvlm` entry: {"layers": [...], "rank": k, "dtype": "bfloat16"}
 CONFIG_KEY = "side_paths"
-# The decoder-layer submodule that holds the basis, and the one whose output the side path corrects (the MLP returns
-# the down-projection's output): the same in transformers and vLLM.
+# The decoder-layer submodule that holds the basis (the down-projection; an adapter's `side_path_target` where its
+# name differs), and the one whose output the side path corrects (the MLP returns the down-projection's output): the
+# same in transformers and vLLM.
 TARGET_MODULE = "mlp.down_proj"
 HOOKED_MODULE = "mlp"
 ATTRIBUTE = "scp_side_path"
-# Checkpoint name of V inside a decoder layer (after "layers.N."): the buffer's own module path.
-BASIS_KEY = f"{TARGET_MODULE}.{ATTRIBUTE}.basis"
+
+
+def basis_key(target: str = TARGET_MODULE) -> str:
+    """Checkpoint name of V inside a decoder layer (after "layers.N."): the buffer's own module path."""
+    return f"{target}.{ATTRIBUTE}.basis"
+
+
+BASIS_KEY = basis_key()
 BASIS_DTYPE = torch.bfloat16
 
 
@@ -65,8 +73,10 @@ def side_path_spec(short_lvlm: Mapping | None) -> dict | None:
     return (short_lvlm or {}).get(CONFIG_KEY)
 
 
-def attach_side_paths(layers: Sequence[nn.Module], spec: Mapping, hidden_size: int) -> dict[int, SubspaceSidePath]:
-    """Give each layer named in `spec` a side path at its MLP's (= down-projection's) output; returns them by layer.
+def attach_side_paths(layers: Sequence[nn.Module], spec: Mapping, hidden_size: int,
+                      target: str = TARGET_MODULE) -> dict[int, SubspaceSidePath]:
+    """Give each layer named in `spec` a side path at its MLP's (= down-projection's) output, its basis a buffer of
+    `target` (the down-projection's name in the layer); returns them by layer.
 
     `layers` is the decoder's layer list; entries without the target module (vLLM's placeholders for
     layers another pipeline stage holds) are skipped.
@@ -78,12 +88,12 @@ def attach_side_paths(layers: Sequence[nn.Module], spec: Mapping, hidden_size: i
                 f"config.json names a side path for decoder layer {index}, but the model has {len(layers)} layers."
             )
         try:
-            target = layers[index].get_submodule(TARGET_MODULE)
+            projection = layers[index].get_submodule(target)
         except AttributeError:
             continue
         side_path = SubspaceSidePath(hidden_size, spec["rank"])
-        side_path.to(next(target.parameters()).device)
-        target.add_module(ATTRIBUTE, side_path)
+        side_path.to(next(projection.parameters()).device)
+        projection.add_module(ATTRIBUTE, side_path)
         layers[index].get_submodule(HOOKED_MODULE).register_forward_hook(functools.partial(_apply_side_path, side_path))
         attached[index] = side_path
     log.info("SCP side paths (rank %d) at the down-projection of decoder layers %s", spec["rank"], sorted(attached))
@@ -101,17 +111,16 @@ def check_side_paths_loaded(model: nn.Module, loaded: Iterable[str]) -> None:
         )
 
 
-
 class DeclaredSidePaths:
     """The side paths config.json declares, for a registered vLLM class: a mixin first in its bases, whose __init__
     calls attach_declared_side_paths once the layers exist; its load_weights checks the bases after the stock
     class's loader (a class that defines its own loader calls check_side_paths_loaded there instead)."""
 
     def attach_declared_side_paths(self, layers: Sequence[nn.Module], short_lvlm: Mapping | None,
-                                   hidden_size: int) -> None:
+                                   hidden_size: int, target: str = TARGET_MODULE) -> None:
         spec = side_path_spec(short_lvlm)
         if spec:
-            attach_side_paths(layers, spec, hidden_size)
+            attach_side_paths(layers, spec, hidden_size, target)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
