@@ -29,7 +29,6 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -55,7 +54,7 @@ from shortlvlm_vllm.models.mplug_owl2 import (
     VisualAbstractor,
     tokenize_prompt,
 )
-from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths, check_side_paths_loaded
+from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths, load_stacked_weights
 
 # The decoder's stacked parameters: (vLLM parameter, checkpoint name, shard)
 STACKED = (("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
@@ -261,21 +260,4 @@ class MPLUGOwl2LlamaForCausalLM(DeclaredSidePaths, nn.Module, SupportsMultiModal
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        params.update(dict(self.named_buffers()))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith(MPLUG_OWL2.saved_buffers):  # computed here
-                continue
-            for target, source, shard in STACKED:
-                if f".{source}." in name:
-                    name = name.replace(f".{source}.", f".{target}.")
-                    param = params[name]
-                    param.weight_loader(param, tensor, shard)
-                    break
-            else:
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
-        check_side_paths_loaded(self, loaded)  # this class's own loader: the mixin's load_weights does not wrap it
-        return loaded
+        return load_stacked_weights(self, weights, STACKED, skip=MPLUG_OWL2.saved_buffers)  # computed here

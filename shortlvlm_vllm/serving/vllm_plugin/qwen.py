@@ -32,7 +32,6 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
@@ -49,10 +48,10 @@ from vllm.sequence import IntermediateTensors
 
 from shortlvlm_vllm.adapters.qwen import QWEN
 from shortlvlm_vllm.models.qwen import IMAGE_END, IMAGE_START, QWenConfig, QWenVLProcessor, VisionTransformer
-from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths, check_side_paths_loaded
+from shortlvlm_vllm.serving.vllm_plugin.side_path import DeclaredSidePaths, load_stacked_weights
 
 # The decoder's stacked parameters: (vLLM parameter, checkpoint name, shard)
-STACKED = (("gate_up_proj", "w2", 0), ("gate_up_proj", "w1", 1))
+STACKED = (("mlp.gate_up_proj", "mlp.w2", 0), ("mlp.gate_up_proj", "mlp.w1", 1))
 
 
 class QWenProcessingInfo(BaseProcessingInfo):
@@ -216,21 +215,6 @@ class QWenLMHeadModel(DeclaredSidePaths, nn.Module, SupportsMultiModal):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        params.update(dict(self.named_buffers()))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith((".attn.masked_bias", ".rotary_emb.inv_freq")):  # the original's buffers, if saved
-                continue
-            for target, source, shard in STACKED:
-                if name.startswith("transformer.h.") and f".mlp.{source}." in name:
-                    name = name.replace(f".mlp.{source}.", f".mlp.{target}.")
-                    param = params[name]
-                    param.weight_loader(param, tensor, shard)
-                    break
-            else:
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
-        check_side_paths_loaded(self, loaded)  # this class's own loader: the mixin's load_weights does not wrap it
-        return loaded
+        # the original's buffers are skipped, if saved; only the decoder's MLP is fused
+        return load_stacked_weights(self, weights, STACKED, skip=(".attn.masked_bias", ".rotary_emb.inv_freq"),
+                                    within="transformer.h.")

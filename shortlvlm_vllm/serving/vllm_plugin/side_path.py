@@ -111,10 +111,39 @@ def check_side_paths_loaded(model: nn.Module, loaded: Iterable[str]) -> None:
         )
 
 
+def load_stacked_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                         stacked: Sequence[tuple[str, str, int]], *, skip: tuple[str, ...] = (),
+                         within: str = "") -> set[str]:
+    """The loader of a plugin class that defines its own (no stock class to wrap): each checkpoint tensor into the
+    parameter or buffer of its name, those named by `stacked` (vLLM parameter, checkpoint name, shard), under
+    `within`, into their shard of the fused parameter; names ending in `skip` (buffers the class computes) are
+    left out. The side paths' bases must be among what loaded (check_side_paths_loaded)."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if skip and name.endswith(skip):
+            continue
+        for target, source, shard in stacked:
+            if name.startswith(within) and f".{source}." in name:
+                name = name.replace(f".{source}.", f".{target}.")
+                param = params[name]
+                param.weight_loader(param, tensor, shard)
+                break
+        else:
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        loaded.add(name)
+    check_side_paths_loaded(model, loaded)
+    return loaded
+
+
 class DeclaredSidePaths:
     """The side paths config.json declares, for a registered vLLM class: a mixin first in its bases, whose __init__
     calls attach_declared_side_paths once the layers exist; its load_weights checks the bases after the stock
-    class's loader (a class that defines its own loader calls check_side_paths_loaded there instead)."""
+    class's loader (a class that defines its own loader uses load_stacked_weights, which checks them)."""
 
     def attach_declared_side_paths(self, layers: Sequence[nn.Module], short_lvlm: Mapping | None,
                                    hidden_size: int, target: str = TARGET_MODULE) -> None:
