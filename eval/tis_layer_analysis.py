@@ -1,10 +1,10 @@
 """Why does TIS rank one layer more redundant than another? Per question family: the cosine each token set gives each
 candidate layer, what TIS keeps, and what dropping the layer alone costs.
 
-    .venv/bin/python eval/tis_layer_analysis.py toy --layers 10,14 [--num-samples 256] [--heldout 128]
-        [--questions 1000] [--output eval/results/tis_layer_analysis]
+    .venv/bin/python eval/tis_layer_analysis.py toy-v1 --data synthetic-v1 --layers 10,14 [--num-samples 256]
+        [--heldout 128] [--questions 1000] [--output eval/results/tis_layer_analysis]
 
-Over the calibration samples (the same draw `shortlvlm prune --calib synthetic` uses) it records, for every candidate
+Over the calibration samples (the same draw `shortlvlm prune --calib DATA` uses) it records, for every candidate
 layer and every sample, cos(x_in, x_out) on each token set: every token (all-tokens), the tokens before the first
 image (system prompt and BOS, outside the pool), the pool V u T averaged uniformly, V alone, the question text, the
 teacher-forced answer, TIS's top-p selection, and the pool weighted by TIS score; and what TIS kept (how many tokens
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from shortlvlm_vllm.chat import template_image_turn
 from shortlvlm_vllm.checkpoint.reader import open_checkpoint
 from shortlvlm_vllm.data.calibration import CalibrationSource, calibration_inputs
-from shortlvlm_vllm.data.synthetic import FAMILIES
+from shortlvlm_vllm.data.synthetic import FAMILIES, SOURCE_VERSIONS
 from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
 from shortlvlm_vllm.evaluation.reference import generate_replies
 from shortlvlm_vllm.evaluation.statistics import accuracy, paired_bootstrap
@@ -99,6 +99,8 @@ def family_of(sample_id: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
+    parser.add_argument("--data", default="synthetic", choices=sorted(SOURCE_VERSIONS),
+                        help="the synthetic set calibrated on and scored (synthetic-v1: the first toy's)")
     parser.add_argument("--layers", default="10,14", help="the layers to compare by dropping each alone")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=128)
@@ -108,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     src = open_checkpoint(args.model)
-    drawn = CalibrationSource("synthetic", args.num_samples, args.heldout).load(args.num_samples + args.heldout)
+    drawn = CalibrationSource(args.data, args.num_samples, args.heldout).load(args.num_samples + args.heldout)
     samples, heldout = drawn[: args.num_samples], drawn[args.num_samples:]
     candidates = parse_candidates(None, src.num_layers)
     compared = [int(x) for x in args.layers.split(",")]
@@ -139,7 +141,7 @@ def main() -> None:
 
     reference = reference_outputs(model, processor, src.adapter, heldout)
     held_families = [family_of(s.id) for s in heldout]
-    benchmark = get_benchmark("synthetic")
+    benchmark = get_benchmark(args.data)
     items = benchmark.load(limit=args.questions)
     dropped = {}
     for layer in [None, *compared]:

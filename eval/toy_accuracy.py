@@ -1,7 +1,8 @@
 """Accuracy on the synthetic test split: the full model through vLLM and transformers, and 30% TIS
 pruning with and without SCP (transformers), on the same questions.
 
-    .venv/bin/python eval/toy_accuracy.py MODEL [--questions 1000] [--output eval/results/toy_accuracy]
+    .venv/bin/python eval/toy_accuracy.py MODEL [--data synthetic] [--questions 1000] [--no-pruned]
+        [--output eval/results/toy_accuracy]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from shortlvlm_vllm.checkpoint.reader import open_checkpoint
 from shortlvlm_vllm.data.calibration import CalibrationSource
+from shortlvlm_vllm.data.synthetic import SOURCE_VERSIONS
 from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
 from shortlvlm_vllm.evaluation.client import Endpoint, run_benchmark
 from shortlvlm_vllm.evaluation.reference import ask_transformers
@@ -26,12 +28,16 @@ from shortlvlm_vllm.serving.launcher import VLLMServer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="checkpoint directory, or toy (the shipped toy model)")
+    parser.add_argument("--data", default="synthetic", choices=sorted(SOURCE_VERSIONS),
+                        help="the synthetic set scored and calibrated on (synthetic-v1: the first toy's)")
     parser.add_argument("--questions", type=int, default=1000)
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--no-pruned", dest="pruned", action="store_false",
+                        help="only the full model (the pruned arms are also in the stacking matrix)")
     parser.add_argument("--output", type=Path, default=Path("eval/results/toy_accuracy"))
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    benchmark = get_benchmark("synthetic")
+    benchmark = get_benchmark(args.data)
     items = benchmark.load(limit=args.questions)
 
     def transformers_scores(model: str | Path) -> dict[str, float]:
@@ -44,9 +50,9 @@ def main() -> None:
         results["full_vllm"] = run_benchmark(Endpoint(server.base_url, "model", server.api_key), benchmark,
                                              args.output / "vllm-records", limit=args.questions)
     results["full_transformers"] = transformers_scores(src.path)
-    for compensation in ("none", "scp"):
+    for compensation in ("none", "scp") if args.pruned else ():
         recipe = PruneRecipe(ratio=args.ratio, compensation=CompensationSettings(compensation),
-                             calibration=CalibrationSource("synthetic"))
+                             calibration=CalibrationSource(args.data))
         plan = plan_pruning(src, recipe)
         pruned = write_plan(src, args.output / f"pruned-{compensation}", recipe, plan, overwrite=True)
         results[f"pruned_{compensation}_transformers"] = transformers_scores(pruned)

@@ -236,3 +236,53 @@ def plot_search(points: Sequence[Mapping], target: float | None) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     return _png(fig)
+
+
+def plot_cls_attention(history: Sequence[Mapping], shares: Sequence[float], patches: Sequence[float],
+                       examples: Sequence[tuple[object, object, object]]) -> bytes:
+    """PNG of where the vision tower's [CLS] looks at the feature layer (what VisionZip keeps): its attention mass on
+    object patches during training (history rows: step, cls_attention_on_objects; the share of object patches as the
+    chance line), per test image against that image's share of object patches, and example images
+    (image [H, W, 3], attention [side, side], covered [side, side]) with the attention over them and the object
+    patches outlined."""
+    import numpy as np
+
+    columns = max(3, len(examples))
+    fig, axes = _figure((3.0 * columns, 6.4), rows=2, cols=columns)
+    chance = float(np.mean(patches))
+    curve, scatter = axes[0][0], axes[0][1]
+    if history:
+        curve.plot([h["step"] for h in history], [h["cls_attention_on_objects"] for h in history], marker="o",
+                   markersize=3, label="[CLS] attention on them")
+    curve.axhline(chance, color="tab:grey", linestyle="--", label=f"object patches ({chance:.1%})")
+    curve.set(xlabel="training step", ylabel="[CLS] attention on object patches", ylim=(0, 1),
+              title="during training (calibration split)")
+    curve.legend(fontsize=7, loc="lower right")
+    scatter.scatter(patches, shares, s=6, alpha=0.5)
+    scatter.plot([0, 1], [0, 1], color="tab:grey", linestyle="--", linewidth=1, label="attention = patch share")
+    limit = max(0.3, float(np.max(patches)) * 1.2)
+    scatter.set(xlim=(0, limit), ylim=(0, 1), xlabel="share of patches holding an object",
+                ylabel="[CLS] attention on them", title=f"per test image (mean {np.mean(shares):.1%})")
+    scatter.legend(fontsize=7, loc="lower right")
+    for ax in axes[0][2:]:
+        ax.axis("off")
+    for ax, (image, attention, covered) in zip(axes[1], examples, strict=False):
+        image, attention, covered = np.asarray(image), np.asarray(attention, dtype=float), np.asarray(covered)
+        side, size = attention.shape[0], image.shape[0]
+        ax.imshow(image)
+        ax.imshow(np.kron(attention / attention.max(), np.ones((size // side, size // side))), cmap="inferno",
+                  alpha=0.55, extent=(0, size, size, 0))
+        for row, col in zip(*np.nonzero(covered), strict=True):
+            ax.add_patch(_rectangle(col * size / side, row * size / side, size / side))
+        ax.set_title(f"{float((attention * covered).sum() / attention.sum()):.0%} on {covered.mean():.0%} of patches",
+                     fontsize=8)
+        ax.axis("off")
+    for ax in axes[1][len(examples):]:
+        ax.axis("off")
+    return _png(fig)
+
+
+def _rectangle(x: float, y: float, side: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), side, side, fill=False, edgecolor="cyan", linewidth=0.8)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from shortlvlm_vllm.data.synthetic import SOURCE_VERSIONS, SyntheticConfig, write_synthetic
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks import BENCHMARKS
 from shortlvlm_vllm.files import atomic_output_dir
@@ -86,15 +87,14 @@ def write_fixture(name: str, out_dir: str | Path, n: int | None = None, fmt: str
         raise ShortLVLMError(f"unknown fixture format {fmt!r}; use one of {', '.join(FORMATS)}.")
     if n is not None and n < 1:
         raise ShortLVLMError(f"a fixture of {n} units holds nothing; use n >= 1.")
-    if name == "synthetic":
+    if name in SOURCE_VERSIONS:
         if fmt != "disk":
             raise ShortLVLMError("the synthetic fixture is written by synthetic.write_synthetic only; use fmt 'disk'.")
-        from shortlvlm_vllm.data.synthetic import SyntheticConfig, write_synthetic
-
-        config = SyntheticConfig(train_images=1, calib_images=1, test_images=n or 10, validation_images=1)
+        config = SyntheticConfig(version=SOURCE_VERSIONS[name], train_images=1, calib_images=1,
+                                 test_images=n or 10, validation_images=1)
         return write_synthetic(out_dir, config, overwrite=overwrite)
     if name not in _ROWS:
-        raise ShortLVLMError(f"no fixture for {name!r}; fixtures exist for {', '.join([*_ROWS, 'synthetic'])}.")
+        raise ShortLVLMError(f"no fixture for {name!r}; fixtures exist for {', '.join([*_ROWS, *SOURCE_VERSIONS])}.")
     rows_of, base = _ROWS[name]
     rows = [row for k in range(len(base) if n is None else n) for row in rows_of(k)]
     if name == "mmbench" and circular_copies:

@@ -37,7 +37,8 @@ def parse_all(name: str, items: dict[str, Item], replies: dict[str, str]) -> dic
 
 
 def test_registry_and_unknown_name():
-    assert set(BENCHMARKS) == {"pope", "mme", "mmbench", "scienceqa", "seedbench", "aokvqa", "synthetic"}
+    assert set(BENCHMARKS) == {"pope", "mme", "mmbench", "scienceqa", "seedbench", "aokvqa", "synthetic",
+                               "synthetic-v1"}
     assert all(get_benchmark(name).name == name for name in BENCHMARKS)
     with pytest.raises(ShortLVLMError, match="unknown benchmark 'gqa'.*pope, mme, mmbench"):
         get_benchmark("gqa")
@@ -285,6 +286,18 @@ def test_synthetic_in_memory_uses_the_seed():
     items = Synthetic(images=3).load(limit=4, seed=2)
     assert [(i.id, i.prompt, i.answer) for i in items] == [(r["id"], r["question"], r["answer"].lower())
                                                             for r in rows[:4]]
+
+
+def test_synthetic_names_its_version_and_v1_stays_reproducible():
+    """"synthetic" is version 2 (the shipped toy's 72 px scenes), "synthetic-v1" the first toy's 64 px ones."""
+    for name, version, side in (("synthetic", 2, 72), ("synthetic-v1", 1, 64)):
+        benchmark = get_benchmark(name)
+        rows = generate_split("test", SyntheticConfig(version=version, test_images=2))
+        items = benchmark.load(limit=3)
+        assert benchmark.version == version and items[0].image.size == (side, side)
+        assert [i.id for i in items] == [r["id"] for r in rows[:3]]
+    with pytest.raises(ShortLVLMError, match="unknown synthetic version 3; use one of 2, 1"):
+        Synthetic(version=3)
 
 
 def test_synthetic_score_by_hand():

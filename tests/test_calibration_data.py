@@ -300,8 +300,9 @@ def test_synthetic_calibration_split_is_generated_offline():
     samples = load_calibration("synthetic", num_samples=6, seed=3)
     assert len(samples) == 6 and len({s.id for s in samples}) == 6
     assert all(s.id.startswith("calibration-") and s.question and s.answer for s in samples)
-    assert samples[0].load_image().size == (64, 64)
+    assert samples[0].load_image().size == (72, 72)  # version 2; "synthetic-v1" is the first toy's 64 px scenes
     assert [s.id for s in load_calibration("synthetic", num_samples=6, seed=3)] == [s.id for s in samples]
+    assert load_calibration("synthetic-v1", num_samples=1, seed=3)[0].load_image().size == (64, 64)
 
 
 def test_num_samples_must_be_positive(llava_json):

@@ -77,7 +77,7 @@ def test_pairing_with_a_single_kept_layer():
 
 
 def test_pairing_on_the_toy_models_30_percent():
-    """The layers TIS prunes on the shipped toy: `unique` sends the tail of the run to layers 7 and 6."""
+    """The layers TIS prunes on the first toy (toy-v1) at 30%: `unique` sends the tail of the run to layers 7 and 6."""
     pruned = [9, 12, 13, 14, 15]
     assert pair_layers(pruned, 16, "unique") == {9: 8, 12: 11, 13: 10, 14: 7, 15: 6}
     assert pair_layers(pruned, 16, "nearest") == {9: 8, 12: 11, 13: 11, 14: 11, 15: 11}

@@ -253,6 +253,46 @@ def test_a_directory_measured_on_other_weights_is_not_resumed(tiny_llava, tmp_pa
         Matrix(config, legacy).check_source()
 
 
+def answer_yes(endpoints, benchmark, out, *, source, limit, seed, config):
+    """run_benchmark's stand-in: answers "yes" to everything, written as the client writes its records."""
+    from shortlvlm_vllm.evaluation.client import RECORDS_NAME, answer_record, write_scores
+
+    items = benchmark.load(source, limit, seed)
+    records = {item.id: answer_record(benchmark, item, "yes", server=endpoints[0].base_url) for item in items}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORDS_NAME).write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    return write_scores(out, benchmark, endpoints[0].model, items, records)
+
+
+def test_arms_with_the_same_weights_served_differently_are_each_asked(tiny_llava, tmp_path, monkeypatch):
+    """A random choice of K tokens has the weights of VisionZip's K: reusing its answers would report VisionZip's
+    accuracy for it (the first tokens_random run did). Byte-identical weights served alike are still asked once."""
+    asked = []
+
+    class Server:
+        def __init__(self, model, *, log_path, served_model_name, **kwargs):
+            asked.append(kwargs.get("extra_args", []))
+            self.base_url, self.api_key = "http://fake/v1", "EMPTY"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr("shortlvlm_vllm.serving.launcher.VLLMServer", Server)
+    monkeypatch.setattr("shortlvlm_vllm.evaluation.client.run_benchmark", answer_yes)
+    path = tmp_path / "matrix.yaml"
+    path.write_text(f"model: {tiny_llava}\ngrid: {{ratio: [0], token_fraction: [0.5], "
+                    "token_selection: [visionzip, random]}\nbenchmark: {name: synthetic, limit: 4}\n"
+                    "throughput: {repeats: 0}\n")
+    results = Matrix(load_config(path), tmp_path / "out").run()
+    selections = [json.loads(args[-1])["short_lvlm"].get("visual_token_selection", "visionzip")
+                  for args in asked if args]
+    assert selections == ["visionzip", "random"], asked
+    assert len({r["weights_key"] for r in results if r["visual_tokens"]}) == 2
+
+
 def test_replicas_give_each_arm_several_servers_sharing_the_requests(tiny_llava, tmp_path, monkeypatch):
     from shortlvlm_vllm.evaluation.throughput import RequestTiming, summarize
 
@@ -272,16 +312,9 @@ def test_replicas_give_each_arm_several_servers_sharing_the_requests(tiny_llava,
 
     seen = {}
 
-    def fake_eval(endpoints, benchmark, out, *, source, limit, seed, config):
-        """Answers "yes" to everything, written as the client writes its records."""
-        from shortlvlm_vllm.evaluation.client import RECORDS_NAME, answer_record, write_scores
-
+    def fake_eval(endpoints, *args, **kwargs):
         seen.update(eval=endpoints)
-        items = benchmark.load(source, limit, seed)
-        records = {item.id: answer_record(benchmark, item, "yes", server=endpoints[0].base_url) for item in items}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RECORDS_NAME).write_text("".join(json.dumps(r) + "\n" for r in records.values()))
-        return write_scores(out, benchmark, endpoints[0].model, items, records)
+        return answer_yes(endpoints, *args, **kwargs)
 
     monkeypatch.setattr("shortlvlm_vllm.serving.launcher.VLLMServer", Server)
     monkeypatch.setattr("shortlvlm_vllm.evaluation.client.run_benchmark", fake_eval)

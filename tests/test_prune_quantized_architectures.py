@@ -24,7 +24,7 @@ from shortlvlm_vllm.prune.pipeline import plan_pruning, write_plan
 from shortlvlm_vllm.prune.recipe import PruneRecipe
 from shortlvlm_vllm.quantize.dequantize import dequantized_copy
 from shortlvlm_vllm.quantize.driver import QuantizeRecipe, quantize_checkpoint
-from shortlvlm_vllm.serving.launcher import VLLMServer
+from shortlvlm_vllm.serving.launcher import VLLMServer, has_cuda
 from shortlvlm_vllm.serving.vllm_plugin import serving_args
 from shortlvlm_vllm.serving.vllm_plugin.side_path import CONFIG_KEY, basis_key
 from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
@@ -145,14 +145,15 @@ def test_unfused_equals_folded_in_transformers(folded_and_unfused):
 # vLLM: the registered class applies the side paths (one server per checkpoint, one after the other).
 
 
-def _first_token_logprobs(client, seed: int, question: str) -> dict[int, float]:
+def _first_token_logprobs(client, seed: int, question: str) -> tuple[dict[int, float], int]:
+    """The served first token's top-5 log-probabilities by token id, and the prompt's token count."""
     response = client.chat.completions.create(
         model="served", messages=image_message(data_url(random_image(seed, IMAGE_SIZES[seed % 2])), question),
         max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5,
         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, "add_special_tokens": True},
     )
     return {int(t.token.removeprefix("token_id:")): t.logprob
-            for t in response.choices[0].logprobs.content[0].top_logprobs}
+            for t in response.choices[0].logprobs.content[0].top_logprobs}, response.usage.prompt_tokens
 
 
 def _serve(checkpoint: Path, log_path: Path, dtype: str) -> VLLMServer:
@@ -171,7 +172,7 @@ def test_vllm_side_paths_match_the_folded_model(folded_and_unfused, tmp_path):
     with _serve(unfused_dir, tmp_path / "vllm.log", "float32") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
         for seed, question in enumerate(QUESTIONS):
-            served = _first_token_logprobs(client, seed, question)
+            served, _ = _first_token_logprobs(client, seed, question)
             inputs = _inputs(processor, seed, question)
             gaps = {}
             for name, model in references.items():
@@ -188,16 +189,22 @@ def test_vllm_side_paths_match_the_folded_model(folded_and_unfused, tmp_path):
 @pytest.mark.vllm
 @torch.no_grad()
 def test_vllm_serves_the_pruned_quantized_checkpoint(pruned_quantized, tmp_path):
+    """W4A16 weights on vLLM's CPU kernel with the side paths beside them. This is also the architecture's check
+    that vLLM serves its W4A16 checkpoints (a GPTQ one loads through the same compressed-tensors path)."""
     processor = AutoProcessor.from_pretrained(pruned_quantized)
     with dequantized_copy(open_checkpoint(pruned_quantized)) as dense:
         reference = with_side_paths(dense.path, torch.bfloat16)
     with _serve(pruned_quantized, tmp_path / "vllm.log", "bfloat16") as server:  # the CPU W4A16 kernel: bfloat16
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
         for seed, question in enumerate(QUESTIONS):
-            served = _first_token_logprobs(client, seed, question)
-            hf_top = reference(**_inputs(processor, seed, question)).logits[0, -1].topk(5).indices.tolist()
+            served, prompt_tokens = _first_token_logprobs(client, seed, question)
+            inputs = _inputs(processor, seed, question)
+            assert prompt_tokens == inputs["input_ids"].shape[1]  # the image's placeholders, as transformers counts
+            hf_top = reference(**inputs).logits[0, -1].topk(5).indices.tolist()
             # Same weights, bfloat16 on both sides: the greedy choices agree up to rounding.
             assert max(served, key=served.get) in hf_top and hf_top[0] in served
         log = server.log_tail(10_000)
     architecture = _config(pruned_quantized)["architectures"][0]
     assert f"Resolved architecture: {architecture}" in log and "compressed-tensors" in log
+    if not has_cuda():
+        assert "CPUWNA16LinearKernel" in log

@@ -29,7 +29,7 @@ from tests.tiny_mplug_owl2 import build_tiny_mplug_owl2
 from tests.tiny_qwen import build_tiny_qwen
 from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
-from .conftest import IMAGE_SIZES, random_image
+from .conftest import random_image
 
 METHODS = ["rtn", "gptq", "awq"]
 GROUP = 128
@@ -415,6 +415,8 @@ def test_other_architectures_quantize_every_decoder_linear_and_nothing_of_the_vi
     assert calibration is None if method == "rtn" else calibration["num_samples"] == 8
 
 
+# vLLM serving them: test_prune_quantized_architectures serves each architecture's W4A16 checkpoint (with SCP side
+# paths beside the packed weights, through the same compressed-tensors loader as a GPTQ one).
 @pytest.mark.parametrize("architecture", list(ARCHITECTURE_SOURCES))
 @torch.no_grad()
 def test_other_architectures_track_the_source_and_gptq_beats_rtn(other_source, other_quantized, architecture):
@@ -434,35 +436,3 @@ def test_other_architectures_track_the_source_and_gptq_beats_rtn(other_source, o
     assert errors["gptq"] < 0.75 * errors["rtn"], errors
     assert errors["awq"] < 1.15 * errors["rtn"], errors
 
-
-@pytest.mark.vllm
-@pytest.mark.parametrize("architecture", list(ARCHITECTURE_SOURCES))
-@torch.no_grad()
-def test_vllm_serves_the_gptq_checkpoint_of_other_architectures(other_quantized, architecture, tmp_path):
-    """Qwen2-VL and Qwen2.5-VL through vLLM's own classes, mPLUG-Owl2 through the plugin's, each with its W4A16
-    weights on the CPU kernel: the same rule as for LLaVA against the dequantized model in transformers."""
-    checkpoint = other_quantized(architecture, "gptq")
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    dense = _dense_copy(checkpoint)
-    with VLLMServer(checkpoint, log_path=tmp_path / "vllm.log", dtype="bfloat16", served_model_name="quantized",
-                    startup_timeout=1500, extra_args=["--limit-mm-per-prompt", '{"image": 1}']) as server:
-        client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
-        for seed, question in enumerate(["What is in the image?", "Describe the colours."]):
-            image = random_image(seed, IMAGE_SIZES[seed % 2])
-            response = client.chat.completions.create(
-                model="quantized", messages=image_message(data_url(image), question), max_tokens=4, temperature=0.0,
-                logprobs=True, top_logprobs=5,
-                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, "add_special_tokens": True},
-            )
-            text = processor.apply_chat_template([template_image_turn(question)], add_generation_prompt=True)
-            inputs = processor(images=image, text=text, return_tensors="pt")
-            assert response.usage.prompt_tokens == inputs["input_ids"].shape[1]
-            assert response.usage.completion_tokens == 4
-            first = response.choices[0].logprobs.content[0]
-            vllm_top = [int(t.token.removeprefix("token_id:")) for t in first.top_logprobs]
-            hf_top = dense(**inputs).logits[0, -1].topk(5).indices
-            assert vllm_top[0] in hf_top.tolist() and int(hf_top[0]) in vllm_top
-        log = server.log_tail(10_000)
-    assert "compressed-tensors" in log
-    if not has_cuda():
-        assert "CPUWNA16LinearKernel" in log

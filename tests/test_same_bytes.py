@@ -1,4 +1,4 @@
-"""Refactoring changes no weight: fixed prunes of the shipped toy model write the bytes recorded before the layout
+"""Refactoring changes no weight: fixed prunes of the first toy (toy-v1) write the bytes recorded before the layout
 moved into one package per stage (issue 14). A change that alters them on purpose records the new hashes here."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from shortlvlm_vllm.cli import main
-from shortlvlm_vllm.toy import TOY_MODEL_DIR
+from shortlvlm_vllm.toy import TOY_V1_MODEL_DIR
 
-TOY = str(TOY_MODEL_DIR)
+# The bytes were recorded on the first toy, shipped as toy-v1 since the redundant-token toy took the name (issue 18).
+TOY = str(TOY_V1_MODEL_DIR)
 # The default pairing became `nearest` (issue 17); these bytes were recorded with `unique`, which stays an option.
-CALIBRATED = ["--calib", "synthetic", "--num-samples", "32", "--heldout", "0", "--rank", "16",
+CALIBRATED = ["--calib", "synthetic-v1", "--num-samples", "32", "--heldout", "0", "--rank", "16",
               "--scp-pairing", "unique"]
 # sha256 of each checkpoint's *.safetensors files, concatenated in name order, as commit 67c8cf8 wrote them.
 RECORDED = {

@@ -120,6 +120,8 @@ def test_the_synthetic_dev_and_test_sets_share_no_question_and_no_image():
     assert {digest(i) for i in dev_items}.isdisjoint(digest(i) for i in test_items)
     with pytest.raises(ShortLVLMError, match="share 2 question ids"):
         check_disjoint(dev_items[:2], dev_items[:5])
+    dev, test = dev_and_test("synthetic-v1")  # the first toy's scenes keep their splits
+    assert (dev.split, dev.version, test.split, test.version) == ("validation", 1, "test", 1)
 
 
 class Numbered(Benchmark):

@@ -277,8 +277,8 @@ def test_version_1_test_split_is_unchanged():
     assert split_digest(rows) == VERSION_1_TEST_SPLIT
 
 
-def test_version_1_is_the_default_until_a_version_2_toy_ships_and_differs_from_version_2():
-    assert SyntheticConfig() == SyntheticConfig(version=1, image_size=64)
+def test_version_2_is_the_default_and_differs_from_version_1():
+    assert SyntheticConfig() == SyntheticConfig(version=2, image_size=72)
     assert SyntheticConfig(version=2).image_size == 72
     assert SyntheticConfig(version=1).image_size == 64
     v1, v2 = (generate_split("test", SyntheticConfig(version=v, test_images=20)) for v in (1, 2))

@@ -28,6 +28,7 @@ from shortlvlm_vllm.toy.training import (
     ToyTrainingConfig,
     _batch,
     answer_accuracy,
+    background_visibility,
     build_word_tokenizer,
     caption,
     cls_attention_on_objects,
@@ -152,6 +153,30 @@ def test_a_packed_row_computes_exactly_its_single_turn_prompts(tokenizer, rows):
     with torch.no_grad():  # and it is not so by accident: a plain causal row (turns see each other) differs
         causal = model(input_ids=packed["input_ids"], pixel_values=packed["pixel_values"]).logits[0]
     assert not torch.allclose(causal[packed_at], expected, atol=1e-3)
+
+
+def test_the_curriculum_hides_image_tokens_from_every_other_token_and_only_those(tokenizer, rows):
+    """Hidden background tokens are keys no other position may read (each still sees itself, as padding does)."""
+    _, processor = make_llava(tokenizer, num_layers=2, hidden_size=128, image_size=48, patch_size=16)
+    split = encode_split(rows, tokenizer, processor.image_processor, image_tokens=9)
+    conversations = split.conversations()[:2]
+    hidden = torch.zeros(2, 9, dtype=torch.bool)
+    hidden[0, [0, 3, 5]] = True
+    eos = tokenizer.eos_token_id
+    plain = _batch(split, conversations, tokenizer.pad_token_id, eos, with_answers=True)["attention_mask"][:, 0]
+    masked = _batch(split, conversations, tokenizer.pad_token_id, eos, with_answers=True,
+                    hidden=hidden)["attention_mask"][:, 0]
+    end = split.prefix_lengths[conversations[0][0]]
+    columns = [end - 9 + k for k in (0, 3, 5)]
+    changed = (plain != masked).nonzero().tolist()
+    assert changed and all(row == 0 and key in columns and query != key for row, query, key in changed)
+    assert not masked[0][:, columns].logical_and(~torch.eye(masked.shape[1], dtype=torch.bool)[:, columns]).any()
+    assert torch.equal(plain[1], masked[1])
+
+
+def test_background_becomes_visible_linearly_after_the_hidden_steps():
+    config = ToyTrainingConfig(background_hidden_steps=100, background_reveal_steps=50)
+    assert [background_visibility(config, s) for s in (1, 100, 125, 150, 400)] == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
 def test_untrained_model_scores_near_chance(tokenizer):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from shortlvlm_vllm.chat import template_image_turn
 from shortlvlm_vllm.checkpoint.hub import is_hub_id
+from shortlvlm_vllm.data.synthetic import SOURCE_VERSIONS, SyntheticConfig, generate_split
 from shortlvlm_vllm.errors import ShortLVLMError
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ def load_calibration(
     """
     if num_samples < 1:
         raise ShortLVLMError(f"the calibration set needs at least 1 sample, not {num_samples}; raise --num-samples.")
-    if str(source) == "synthetic":
-        return _from_synthetic(num_samples, seed)
+    if str(source) in SOURCE_VERSIONS:
+        return _from_synthetic(SOURCE_VERSIONS[str(source)], num_samples, seed)
     path = Path(source).expanduser()
     root = Path(image_root).expanduser() if image_root is not None else None
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
@@ -123,11 +124,10 @@ def load_calibration(
     return _check_image_files(samples, root)
 
 
-def _from_synthetic(num_samples: int, seed: int) -> list[CalibrationSample]:
-    """The calibration split of the project's synthetic VQA set, generated in memory (offline, seconds)."""
-    from shortlvlm_vllm.data.synthetic import SyntheticConfig, generate_split
-
-    rows = generate_split("calibration", SyntheticConfig())
+def _from_synthetic(version: int, num_samples: int, seed: int) -> list[CalibrationSample]:
+    """The calibration split of the project's synthetic VQA set (that version's), generated in memory (offline,
+    seconds)."""
+    rows = generate_split("calibration", SyntheticConfig(version=version))
     drawn = _draw(list(range(len(rows))), num_samples, seed, "synthetic")
     return [CalibrationSample(rows[i]["id"], rows[i]["question"], rows[i]["answer"], rows[i]["image"]) for i in drawn]
 

@@ -11,11 +11,12 @@ Two properties make it a usable yardstick for a small model trained from scratch
 - answers are balanced (each choice is the least used so far among those the scene allows), so the
   prompt alone is worth chance and a model must look at the image.
 
-Two versions of the scenes (`SyntheticConfig.version`), same questions and API:
-- version 1 (the default: the shipped toy model's): 64 px, objects filling most of their cells, a faint
-  background; at the toy's 3x3 patches every token holds an object or nothing;
-- version 2 (the redundant-token toy's, `shortlvlm train-toy`), redundant the way photos are: 72 px, meant to
-  be seen at 8 px patches
+Two versions of the scenes (`SyntheticConfig.version`), same questions and API; as a benchmark and a calibration
+source, "synthetic" is version 2 and "synthetic-v1" version 1 (SOURCE_VERSIONS):
+- version 1 (the first toy's, shipped as `toy-v1`): 64 px, objects filling most of their cells, a faint
+  background; at that toy's 3x3 patches every token holds an object or nothing;
+- version 2 (the default: the shipped `toy`'s, `shortlvlm train-toy`), redundant the way photos are: 72 px, meant
+  to be seen at 8 px patches
   (9x9 = 81 tokens, 3x3 per cell); a small object fills one patch and a large one a block of 2x2, so that
   objects hold about a twelfth of the patches, the rest background with low-saturation clutter (grey
   blobs, bars and strokes that are no named object), so that a background patch is neither empty nor
@@ -63,6 +64,7 @@ GRID = 3  # objects sit in distinct cells of a GRID x GRID grid
 MAX_OBJECTS = 4
 POPULAR_TOP_K = 3  # POPE's popular negatives: the k most frequent objects absent from the image
 VERSIONS = (1, 2)
+SOURCE_VERSIONS = {"synthetic": 2, "synthetic-v1": 1}  # benchmark and calibration-source names -> version
 IMAGE_SIZE = {1: 64, 2: 72}  # each version's default image side
 # Version 1: object sides as fractions of the image side (10 and 18 px at 64 px), anywhere in their cell.
 SIZE_FRACTION = {"small": 0.16, "large": 0.28}
@@ -97,9 +99,8 @@ WORD = re.compile(r"\w+|[^\w\s]")
 class SyntheticConfig:
     """Size and seed of the synthetic set; the defaults suit a small model trained from scratch on CPU."""
 
-    # of the scenes (see the module's docstring): 1 is what the shipped toy model saw, and what the synthetic
-    # benchmark and calibration source give, until a toy trained on version 2 ships
-    version: int = 1
+    # of the scenes (see the module's docstring): 2 is what the shipped `toy` saw, 1 what `toy-v1` saw
+    version: int = 2
     image_size: int | None = None  # None: the version's own (IMAGE_SIZE)
     seed: int = 0
     train_images: int = 20000

@@ -333,7 +333,7 @@ class Matrix:
 
     def measure_accuracy(self, arm: Arm, measured: list[dict] = ()) -> dict:
         """The arm's accuracy on the benchmark, with each unit's correctness (for intervals and paired tests); an arm
-        whose weights are byte-identical to one in `measured` takes its answers."""
+        whose weights are byte-identical to one in `measured`, served the same way, takes its answers."""
         from shortlvlm_vllm.evaluation.client import RECORDS_NAME, load_records
 
         arm_dir = self.out / "arms" / arm.slug
@@ -346,7 +346,8 @@ class Matrix:
         record = config.get("short_lvlm") or {}
         bench, benchmark = self.config.benchmark, self.benchmark
         server_kwargs, visual_tokens = self.server_kwargs(arm, checkpoint)
-        digest = _key(weights_sha256(checkpoint), visual_tokens, self.config.scorer)
+        # what is served, not only the weights: a random selection of K tokens shares its weights with VisionZip's
+        digest = _key(weights_sha256(checkpoint), visual_tokens, server_kwargs, self.config.scorer)
         twin = next((r for r in measured if r.get("weights_key") == digest), None)
         result = {**asdict(arm), "arm": arm.name, "checkpoint": self.checkpoint_name(checkpoint),
                   "visual_tokens": visual_tokens, "layers": _num_layers(config),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shortlvlm_vllm.data.synthetic import SOURCE_VERSIONS
 from shortlvlm_vllm.evaluation.matrix import RESULT_NAME, Arm
 from shortlvlm_vllm.evaluation.statistics import accuracy
 from shortlvlm_vllm.evaluation.tables import correct_of, markdown_table, pareto_front
@@ -114,7 +115,7 @@ def build_report(config: SearchConfig, out: Path, report: dict, num_layers: int)
 
 
 def _split_name(config: SearchConfig, side: str) -> str:
-    if config.dev == "synthetic":
+    if config.dev in SOURCE_VERSIONS:
         return "validation" if side == "dev" else "test"
     return f"{side} half (hash of each question's unit)"
 

@@ -53,9 +53,9 @@ def side_of(item: Item) -> str:
 
 def dev_and_test(name: str) -> tuple[Benchmark, Benchmark]:
     """The benchmark called `name` as its dev and its test set."""
-    if name == Synthetic.name:
-        return Synthetic(split="validation"), Synthetic(split="test")
     base = get_benchmark(name)
+    if isinstance(base, Synthetic):
+        return Synthetic(split="validation", version=base.version), Synthetic(split="test", version=base.version)
     return Half(base, DEV), Half(base, TEST)
 
 

@@ -58,9 +58,9 @@ class ToyTrainingConfig:
     image_size: int = 72
     patch_size: int = 8
     train_images: int = 20000
-    # At most 3125 steps (1.9-3 s a step measured on 2 cores shared with other work): training stops once the
-    # held-out targets below are met; the cosine schedule spans all of it.
-    epochs: float = 2.5
+    # At most 4375 steps (1.7 s a step measured on 2 quiet cores): training stops once the held-out targets
+    # below are met; the cosine schedule spans all of it.
+    epochs: float = 3.5
     batch_size: int = 16  # images per step; each image is one conversation of all its questions + a caption
     learning_rate: float = 3e-4  # 1e-3 and above stall at the answer prior (measured); 3e-4 learns
     weight_decay: float = 0.01
@@ -77,6 +77,15 @@ class ToyTrainingConfig:
     vision_warmup_steps: int = 800
     vision_warmup_batch_size: int = 64
     vision_loss_weight: float = 0.5
+    # Curriculum: for the first `background_hidden_steps` the decoder sees only the image tokens that hold an
+    # object, then each background token becomes visible with a probability that grows linearly to 1 over
+    # `background_reveal_steps`; full visibility after that, and in every evaluation. Seeing all 81 tokens
+    # from the start, the decoder of the first 81-token toy had learned no lookup after 1750 steps (existence
+    # and spatial at chance, 0.49 overall), where the 9-token toy, whose every token held an object or
+    # nothing, learned existence by step 1000: retrieval among ~8 tokens is found first, then kept as the
+    # distractors come back.
+    background_hidden_steps: int = 1000
+    background_reveal_steps: int = 1000
 
 
 # BOS comes from the chat template, not from the tokenizer: vLLM's chat endpoint adds no special
@@ -207,13 +216,14 @@ def encode_split(rows: Sequence[dict], tokenizer, image_processor, image_tokens:
 
 
 def _batch(split: EncodedSplit, conversations: Sequence[Sequence[int]], pad_id: int, eos_id: int,
-           with_answers: bool) -> dict[str, torch.Tensor]:
+           with_answers: bool, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Right-padded rows, each the questions of one image packed after one shared image prefix.
 
     Every question sees the prefix ("<s>USER: <image>") and itself only, at the positions it would have
     as the first turn: a row computes exactly what separate single-turn prompts would (the benchmark's
     format), with the image encoded once. Earlier turns stay invisible, so no question can be answered
     by reading another's answer or the caption. With answers, labels cover each answer and its EOS.
+    hidden: [rows, image tokens] bool, image tokens no other token may attend to (the curriculum's).
     """
     rows = []
     for questions in conversations:
@@ -241,6 +251,10 @@ def _batch(split: EncodedSplit, conversations: Sequence[Sequence[int]], pad_id: 
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     same_turn = turns[:, :, None] == turns[:, None, :]
     visible = (same_turn | (turns[:, None, :] == 0)) & (turns[:, None, :] >= 0) & causal
+    if hidden is not None:
+        for row, questions in enumerate(conversations):
+            end = split.prefix_lengths[questions[0]]
+            visible[row, :, end - hidden.shape[1]: end] &= ~hidden[row]
     visible |= torch.eye(length, dtype=torch.bool)  # padding sees itself: no empty rows in attention
     pixels = split.pixels[split.image_index[[questions[0] for questions in conversations]]]
     return {"input_ids": input_ids, "attention_mask": visible[:, None], "position_ids": position_ids,
@@ -368,45 +382,54 @@ def warm_up_vision(model, config: ToyTrainingConfig, train: tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def cls_attention_on_objects(model, pixels: torch.Tensor, covered: torch.Tensor, batch_size: int = 256,
-                             device: str = "cpu") -> dict[str, float]:
-    """Where [CLS] looks at the feature layer, as VisionZip's selection reads it (serving.visual_tokens.
-    cls_attention: the [CLS] query's softmax over the layer's keys, summed over heads, [CLS] itself left out).
-
-    covered: [images, N] bool, the patches an object covers. Returns, averaged over images, "attention":
-    the share of the patches' [CLS] attention mass on covered patches, "patches": the share of patches
-    covered, and "top_k": the share of covered patches among the k patches [CLS] attends to most, k the
-    image's number of covered patches.
-    """
+def cls_attention_maps(model, pixels: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """[images, N]: where [CLS] looks at the feature layer, as VisionZip's selection reads it (serving.visual_tokens.
+    cls_attention: the [CLS] query's softmax over the layer's keys, summed over heads, [CLS] itself left out)."""
     model.eval()
     tower = model.model.vision_tower
     feature_layer = tower.encoder.layers[_feature_index(model) - 1]
     heads = model.config.vision_config.num_attention_heads
-    shares, top = [], []
+    maps = []
     for start in range(0, len(pixels), batch_size):
         hidden = tower(pixel_values=pixels[start: start + batch_size].to(device),
                        output_hidden_states=True).hidden_states[_feature_index(model) - 1]
         normed = feature_layer.layer_norm1(hidden)
-        attention = cls_attention(feature_layer.self_attn.q_proj(normed), feature_layer.self_attn.k_proj(normed),
-                                  heads).cpu()
-        mask = covered[start: start + batch_size]
-        shares.append((attention * mask).sum(-1) / attention.sum(-1))
-        ranks = attention.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 for the most attended patch
-        top.append(((ranks < mask.sum(-1, keepdim=True)) & mask).sum(-1) / mask.sum(-1).clamp(min=1))
-    return {"attention": torch.cat(shares).mean().item(), "patches": covered.float().mean().item(),
-            "top_k": torch.cat(top).mean().item()}
+        maps.append(cls_attention(feature_layer.self_attn.q_proj(normed), feature_layer.self_attn.k_proj(normed),
+                                  heads).cpu())
+    return torch.cat(maps)
+
+
+def object_attention_shares(attention: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the share of the [CLS] attention mass on covered patches, and the share of covered patches among
+    the k patches [CLS] attends to most, k the image's number of covered patches."""
+    shares = (attention * covered).sum(-1) / attention.sum(-1)
+    ranks = attention.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 for the most attended patch
+    top = ((ranks < covered.sum(-1, keepdim=True)) & covered).sum(-1) / covered.sum(-1).clamp(min=1)
+    return shares, top
+
+
+def cls_attention_on_objects(model, pixels: torch.Tensor, covered: torch.Tensor, batch_size: int = 256,
+                             device: str = "cpu") -> dict[str, float]:
+    """covered: [images, N] bool, the patches an object covers. Returns, averaged over images, "attention": the
+    share of the patches' [CLS] attention mass on covered patches (cls_attention_maps), "patches": the share of
+    patches covered, and "top_k" (object_attention_shares)."""
+    shares, top = object_attention_shares(cls_attention_maps(model, pixels, batch_size, device), covered)
+    return {"attention": shares.mean().item(), "patches": covered.float().mean().item(), "top_k": top.mean().item()}
 
 
 @torch.no_grad()
-def answer_accuracy(model, split: EncodedSplit, pad_id: int, batch_size: int = 128,
-                    device: str = "cpu") -> dict[str, float]:
-    """Greedy first-token accuracy per family and overall (every answer is one token)."""
+def answer_accuracy(model, split: EncodedSplit, pad_id: int, batch_size: int = 128, device: str = "cpu",
+                    hidden: torch.Tensor | None = None) -> dict[str, float]:
+    """Greedy first-token accuracy per family and overall (every answer is one token).
+
+    hidden: [images, image tokens] bool, per image the tokens the decoder may not see (_batch's)."""
     model.eval()
     correct: Counter = Counter()
     total: Counter = Counter()
     for start in range(0, len(split.prompts), batch_size):
         index = list(range(start, min(start + batch_size, len(split.prompts))))
-        batch = _batch(split, [[i] for i in index], pad_id, 0, with_answers=False)
+        batch = _batch(split, [[i] for i in index], pad_id, 0, with_answers=False,
+                       hidden=None if hidden is None else hidden[split.image_index[index]])
         last, _ = batch.pop("last"), batch.pop("labels")
         with _autocast(device):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
@@ -417,6 +440,13 @@ def answer_accuracy(model, split: EncodedSplit, pad_id: int, batch_size: int = 1
     result = {f: correct[f] / total[f] for f in FAMILIES if total[f]}
     result["overall"] = sum(correct.values()) / max(1, sum(total.values()))
     return result
+
+
+def background_visibility(config: ToyTrainingConfig, step: int) -> float:
+    """The curriculum's probability that a background image token is visible to the decoder at `step`."""
+    if step <= config.background_hidden_steps:
+        return 0.0
+    return min(1.0, (step - config.background_hidden_steps) / max(1, config.background_reveal_steps))
 
 
 def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: bool = False,
@@ -479,6 +509,9 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
     seen = {id(p) for p in vision_params}
     clipped = [[p for p in model.parameters() if id(p) not in seen], vision_params]
     order_rng = torch.Generator().manual_seed(config.seed)
+    curriculum_rng = torch.Generator().manual_seed(config.seed)
+    train_background = train_targets.patches[..., 0] == 0
+    monitor_background = ~monitor_covered
     order: list[int] = []
     history = []
     started = time.perf_counter()
@@ -488,9 +521,12 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
             order += torch.randperm(len(conversations), generator=order_rng).tolist()
         index, order = order[: config.batch_size], order[config.batch_size:]
         batch = [conversations[i] for i in index]
-        inputs = _batch(train, batch, pad_id, eos_id, with_answers=True)
-        del inputs["last"]
         images = train.image_index[[questions[0] for questions in batch]]
+        shown = background_visibility(config, step)
+        hidden = None if shown >= 1 else train_background[images] & (
+            torch.rand(train_background[images].shape, generator=curriculum_rng) >= shown)
+        inputs = _batch(train, batch, pad_id, eos_id, with_answers=True, hidden=hidden)
+        del inputs["last"]
         model.train()
         with _autocast(device):
             loss = model(**{k: v.to(device) for k, v in inputs.items()}).loss
@@ -507,12 +543,20 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
             accuracy = answer_accuracy(model, monitor, pad_id, device=device)
             attention = cls_attention_on_objects(model, monitor.pixels, monitor_covered, device=device)
             elapsed = time.perf_counter() - started
-            history.append({"step": step, "loss": round(running, 4), "elapsed_s": round(elapsed),
-                            **{k: round(v, 4) for k, v in accuracy.items()},
-                            "cls_attention_on_objects": round(attention["attention"], 4)})
-            log.info("step %d/%d  loss %.4f  calibration-split accuracy %.3f  (%s)  [CLS] on objects %.2f  %.0f s",
+            record = {"step": step, "loss": round(running, 4), "elapsed_s": round(elapsed),
+                      **{k: round(v, 4) for k, v in accuracy.items()},
+                      "cls_attention_on_objects": round(attention["attention"], 4),
+                      "background_visibility": round(shown, 4)}
+            curriculum = ""
+            if shown < 1:  # what the curriculum trains on: the background hidden
+                masked = answer_accuracy(model, monitor, pad_id, device=device, hidden=monitor_background)
+                record["overall_background_hidden"] = round(masked["overall"], 4)
+                curriculum = (f"  background {shown:.2f} visible; all hidden: {masked['overall']:.3f} "
+                              f"({_families_text(masked)})")
+            history.append(record)
+            log.info("step %d/%d  loss %.4f  calibration-split accuracy %.3f  (%s)  [CLS] on objects %.2f  %.0f s%s",
                      step, steps, running, accuracy["overall"], _families_text(accuracy), attention["attention"],
-                     elapsed)
+                     elapsed, curriculum)
             if accuracy["overall"] >= config.stop_accuracy and min(
                     accuracy[f] for f in FAMILIES) >= config.stop_family_accuracy:
                 log.info("targets reached at step %d: stopping", step)

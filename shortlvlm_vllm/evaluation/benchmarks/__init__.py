@@ -17,7 +17,7 @@ from shortlvlm_vllm.evaluation.benchmarks.synthetic import Synthetic
 
 BENCHMARKS: dict[str, Benchmark] = {
     benchmark.name: benchmark
-    for benchmark in (POPE(), MME(), MMBench(), ScienceQA(), SEEDBench(), AOKVQA(), Synthetic())
+    for benchmark in (POPE(), MME(), MMBench(), ScienceQA(), SEEDBench(), AOKVQA(), Synthetic(), Synthetic(version=1))
 }
 
 

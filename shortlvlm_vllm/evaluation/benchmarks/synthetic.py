@@ -8,7 +8,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shortlvlm_vllm.data.synthetic import FAMILIES, POPE_SETTINGS, SPLITS, SyntheticConfig, generate_split
+from shortlvlm_vllm.data.synthetic import (
+    FAMILIES,
+    POPE_SETTINGS,
+    SOURCE_VERSIONS,
+    SPLITS,
+    SyntheticConfig,
+    generate_split,
+)
 from shortlvlm_vllm.errors import ShortLVLMError
 from shortlvlm_vllm.evaluation.benchmarks.base import Benchmark, Item
 from shortlvlm_vllm.evaluation.benchmarks.loading import open_table, to_image
@@ -33,25 +40,31 @@ class Synthetic(Benchmark):
     memory with seed `seed` (`images` images); a local path is a directory written by `synthetic.write_synthetic` (its
     `dataset/` subdirectory, or that directory itself), whose own seed holds and `seed` is unused. `limit` takes the
     first `limit` questions: families interleave, so a prefix mixes them. The prompt is the question alone, as the toy
-    model was trained; replies are read as `normalize_answer` reads them (first word, lower case).
+    model was trained; replies are read as `normalize_answer` reads them (first word, lower case). `version`: the
+    scenes' (SyntheticConfig.version), named as SOURCE_VERSIONS names it ("synthetic" for 2, "synthetic-v1" for 1).
     """
 
-    name = "synthetic"
     hub_id = "shortlvlm_vllm.data.synthetic"  # no hub copy: generated in memory
     max_tokens = 4  # every answer is one word
     breakdown = "family"
 
-    def __init__(self, images: int = SyntheticConfig.test_images, split: str = "test") -> None:
+    def __init__(self, images: int = SyntheticConfig.test_images, split: str = "test",
+                 version: int = SyntheticConfig.version) -> None:
         if split not in SPLITS:
             raise ShortLVLMError(f"unknown synthetic split {split!r}; the set has {', '.join(SPLITS)}.")
+        names = {v: name for name, v in SOURCE_VERSIONS.items()}
+        if version not in names:
+            raise ShortLVLMError(f"unknown synthetic version {version!r}; use one of {', '.join(map(str, names))}.")
         self.images = images
         self.split = split
+        self.version = version
+        self.name = names[version]
 
     def load(self, source: str | None = None, limit: int | None = None, seed: int = 0) -> list[Item]:
         if limit is not None and limit < 1:
             raise ShortLVLMError(f"limit {limit} asks for no items; use a limit of at least 1, or none for all.")
         if source is None:
-            config = SyntheticConfig(seed=seed, **{f"{self.split}_images": self.images})
+            config = SyntheticConfig(version=self.version, seed=seed, **{f"{self.split}_images": self.images})
             rows: Sequence[Mapping[str, Any]] = generate_split(self.split, config)[:limit]
         else:
             path = Path(source)
