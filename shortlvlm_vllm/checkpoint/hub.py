@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 # Models shipped inside the package, by the name commands accept for them (a local directory of that name wins).
 # "toy" sees 81 mostly redundant tokens per image (synthetic version 2), "toy-v1" 9 (version 1).
-SHIPPED_MODELS = {"toy": Path(__file__).resolve().parents[1] / "toy" / "model",
-                  "toy-v1": Path(__file__).resolve().parents[1] / "toy" / "model_v1"}
+SHIPPED_MODELS = {name: Path(__file__).resolve().parents[1] / "toy" / folder
+                  for name, folder in (("toy", "model"), ("toy-v1", "model_v1"))}
 
 
 def is_hub_id(text: str) -> bool:

@@ -346,8 +346,9 @@ class Matrix:
         record = config.get("short_lvlm") or {}
         bench, benchmark = self.config.benchmark, self.benchmark
         server_kwargs, visual_tokens = self.server_kwargs(arm, checkpoint)
-        # what is served, not only the weights: a random selection of K tokens shares its weights with VisionZip's
-        digest = _key(weights_sha256(checkpoint), visual_tokens, server_kwargs, self.config.scorer)
+        # what is served, not only the weights (server_kwargs carry the budget and the token selection): a random
+        # selection of K tokens shares its weights with VisionZip's
+        digest = _key(weights_sha256(checkpoint), server_kwargs, self.config.scorer)
         twin = next((r for r in measured if r.get("weights_key") == digest), None)
         result = {**asdict(arm), "arm": arm.name, "checkpoint": self.checkpoint_name(checkpoint),
                   "visual_tokens": visual_tokens, "layers": _num_layers(config),
