@@ -1,6 +1,8 @@
 """Is the visual-token loss the dropping, or what is dropped? Keeps each image's K tokens that [CLS] attends to most
 (VisionZip's dominant choice, no contextual tokens) by masking the other image tokens from the decoder, positions
-intact, in transformers; set beside the served numbers of eval/results/tokens_random.
+intact, in transformers; set beside the served numbers of eval/results/tokens_random. Also: the share of objects
+none of whose patches is among the K, and the accuracy with only the object patches visible (the decoder's own
+tolerance of losing the background).
 
     .venv/bin/python eval/toy_token_masking.py [MODEL] [--images 400] [--output eval/results/toy_token_masking]
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 from shortlvlm_vllm.checkpoint.hub import resolve_model_dir
-from shortlvlm_vllm.data.synthetic import SyntheticConfig, generate_split
+from shortlvlm_vllm.data.synthetic import SyntheticConfig, generate_split, object_patches
 from shortlvlm_vllm.evaluation.reference import load_reference
 from shortlvlm_vllm.evaluation.throughput import write_summary
 from shortlvlm_vllm.files import portable_name
@@ -32,14 +34,24 @@ def main() -> None:
     model, processor = load_reference(resolve_model_dir(args.model)[0])
     model.float()
     pad = processor.tokenizer.pad_token_id
-    split = encode_split(generate_split("test", SyntheticConfig(test_images=args.images)), processor.tokenizer,
-                         processor.image_processor, model.config.image_seq_length)
+    data = SyntheticConfig(test_images=args.images)
+    rows = generate_split("test", data)
+    split = encode_split(rows, processor.tokenizer, processor.image_processor, model.config.image_seq_length)
     attention = cls_attention_maps(model, split.pixels)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    owner = torch.stack([torch.from_numpy(object_patches(scene, data.image_size, side)).flatten()
+                         for scene in {r["image_id"]: r["scene"] for r in rows}.values()])
     results = {"model": portable_name(args.model), "images": args.images, "questions": len(split.prompts),
-               "all_tokens": answer_accuracy(model, split, pad), "top_k_by_cls_masked": {}}
+               "all_tokens": answer_accuracy(model, split, pad),
+               "object_tokens_only": answer_accuracy(model, split, pad, hidden=owner == 0),
+               "top_k_by_cls_masked": {}, "objects_outside_top_k": {}}
+    objects = [(image, k) for image in range(len(owner)) for k in owner[image].unique().tolist() if k]
     for budget in BUDGETS:
         keep = torch.zeros_like(attention, dtype=torch.bool).scatter_(1, attention.topk(budget, dim=-1).indices, True)
         results["top_k_by_cls_masked"][budget] = answer_accuracy(model, split, pad, hidden=~keep)
+        # an object none of whose patches is kept: what no decoder can answer about
+        results["objects_outside_top_k"][budget] = sum(
+            not (keep[image] & (owner[image] == k)).any() for image, k in objects) / len(objects)
     args.output.mkdir(parents=True, exist_ok=True)
     write_summary(results, args.output)
     print(json.dumps(results, indent=1))

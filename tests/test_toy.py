@@ -31,8 +31,10 @@ from shortlvlm_vllm.toy.training import (
     background_visibility,
     build_word_tokenizer,
     caption,
+    cls_attention_loss,
     cls_attention_on_objects,
     encode_split,
+    hidden_background,
     prompt_text,
     train_toy_model,
     vision_targets,
@@ -179,6 +181,20 @@ def test_background_becomes_visible_linearly_after_the_hidden_steps():
     assert [background_visibility(config, s) for s in (1, 100, 125, 150, 400)] == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
+def test_each_row_sees_a_drawn_share_of_its_background_after_the_hidden_steps():
+    background = torch.rand(400, 81) < 0.9
+    generator = torch.Generator().manual_seed(0)
+    config = ToyTrainingConfig(background_hidden_steps=100, background_reveal_steps=50)
+    assert torch.equal(hidden_background(config, 100, background, generator), background)
+    hidden = hidden_background(config, 400, background, generator)
+    assert not (hidden & ~background).any()
+    shares = 1 - hidden.sum(-1) / background.sum(-1)  # per row, the share of its background visible
+    assert shares.min() < 0.1 and shares.max() > 0.9 and abs(shares.mean().item() - 0.5) < 0.05
+    plain = ToyTrainingConfig(background_hidden_steps=100, background_reveal_steps=50, background_dropout=False)
+    assert hidden_background(plain, 400, background, generator) is None
+    assert abs(hidden_background(plain, 125, background, generator).sum() / background.sum() - 0.5) < 0.02
+
+
 def test_untrained_model_scores_near_chance(tokenizer):
     """The benchmark cannot be passed without looking: an untrained model is at or below chance."""
     model, processor = make_llava(tokenizer, num_layers=2, hidden_size=128, image_size=48, patch_size=16)
@@ -230,11 +246,18 @@ def test_vision_warm_up_teaches_the_tower_what_each_patch_holds(tokenizer):
     assert accuracy["colour"] > 0.5  # chance: 1/4 of the covered patches (and it must first find them)
 
 
-def test_cls_attention_on_objects_is_the_cls_rows_attention_mass(tokenizer):
-    """Checked against the tower's own eager attention probabilities at the feature layer, summed over heads."""
+@pytest.fixture()
+def eager_model(tokenizer):
+    """A small random LLaVA whose tower returns its attention probabilities (eager attention)."""
     model, _ = make_llava(tokenizer, num_layers=1, hidden_size=128, vision_hidden_size=64, vision_layers=3,
                           image_size=32, patch_size=8, seed=3)
     model.model.vision_tower.config._attn_implementation = "eager"
+    return model
+
+
+def test_cls_attention_on_objects_is_the_cls_rows_attention_mass(eager_model):
+    """Checked against the tower's own eager attention probabilities at the feature layer, summed over heads."""
+    model = eager_model
     pixels = torch.randn(5, 3, 32, 32)
     covered = torch.rand(5, 16) < 0.3
     covered[0] = False
@@ -252,6 +275,23 @@ def test_cls_attention_on_objects_is_the_cls_rows_attention_mass(tokenizer):
     assert measured["top_k"] == pytest.approx(sum(shares) / 5, rel=1e-4)
 
 
+def test_cls_attention_loss_is_the_cross_entropy_from_uniform_over_the_objects(eager_model):
+    """Against the tower's eager attention at the feature layer; it trains the tower (gradients reach the keys)."""
+    model = eager_model
+    pixels = torch.randn(4, 3, 32, 32)
+    covered = torch.rand(4, 16) < 0.3
+    covered[:, 0] = True
+    out = model.model.vision_tower(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+    loss = cls_attention_loss(model, out.hidden_states, covered)
+    attention = out.attentions[model.config.vision_feature_layer % 4 - 1][:, :, 0, 1:].sum(dim=1)
+    attention = attention / attention.sum(-1, keepdim=True)
+    expected = -torch.stack([attention[i, covered[i]].log().mean() for i in range(4)]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer % 4 - 1]
+    assert layer.self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
 def test_training_is_deterministic_for_a_seed(tmp_path):
     """The shipped model is reproduced by its command: the same config gives the same bytes, another seed not."""
     tiny = {"num_layers": 2, "train_images": 64, "batch_size": 8, "max_steps": 3, "eval_every": 3,
@@ -262,6 +302,26 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         weights.append((tmp_path / str(run) / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
+
+
+def test_the_vision_tower_is_frozen_after_the_warm_up(tokenizer, tmp_path):
+    """With no warm-up steps the saved tower is the initial one (in bfloat16), the decoder trained."""
+    from safetensors.torch import load_file
+
+    tiny = {"num_layers": 2, "train_images": 64, "batch_size": 8, "max_steps": 3, "eval_every": 3,
+            "eval_questions": 40, "vision_warmup_steps": 0, "warmup_steps": 1}
+    config = ToyTrainingConfig(**tiny)
+    train_toy_model(config, tmp_path / "toy")
+    saved = load_file(tmp_path / "toy" / "model.safetensors")
+    initial, _ = make_llava(tokenizer, num_layers=2, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size, vision_hidden_size=config.vision_hidden_size,
+                            vision_layers=config.vision_layers, image_size=config.image_size,
+                            patch_size=config.patch_size, seed=config.seed)
+    tower = {"vision_tower.vision_model." + k: v for k, v in initial.model.vision_tower.named_parameters()}
+    decoder = {"language_model.model." + k: v for k, v in initial.model.language_model.named_parameters()}
+    assert tower.keys() <= saved.keys() and decoder.keys() <= saved.keys()
+    assert all(torch.equal(saved[k], v.to(torch.bfloat16)) for k, v in tower.items())
+    assert not all(torch.equal(saved[k], v.to(torch.bfloat16)) for k, v in decoder.items())
 
 
 def test_train_toy_on_cuda_without_one_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
