@@ -16,6 +16,7 @@ from shortlvlm_vllm.data.calibration import CalibrationSource
 from shortlvlm_vllm.data.synthetic import SOURCE_VERSIONS
 from shortlvlm_vllm.evaluation.benchmarks import get_benchmark
 from shortlvlm_vllm.evaluation.client import Endpoint, run_benchmark
+from shortlvlm_vllm.evaluation.matrix import weights_sha256
 from shortlvlm_vllm.evaluation.reference import ask_transformers
 from shortlvlm_vllm.evaluation.throughput import write_summary
 from shortlvlm_vllm.files import portable_name
@@ -48,7 +49,9 @@ def main() -> None:
     results: dict = {"model": portable_name(args.model), "questions": len(items), "ratio": args.ratio}
     with VLLMServer(src.path, log_path=args.output / "vllm.log", served_model_name="model") as server:
         results["full_vllm"] = run_benchmark(Endpoint(server.base_url, "model", server.api_key), benchmark,
-                                             args.output / "vllm-records", limit=args.questions)
+                                             # resumable, and only for the same weights
+                                             args.output / f"vllm-records-{weights_sha256(src.path)[:12]}",
+                                             limit=args.questions)
     results["full_transformers"] = transformers_scores(src.path)
     for compensation in ("none", "scp") if args.pruned else ():
         recipe = PruneRecipe(ratio=args.ratio, compensation=CompensationSettings(compensation),

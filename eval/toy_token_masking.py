@@ -1,8 +1,9 @@
 """Is the visual-token loss the dropping, or what is dropped? Keeps each image's K tokens that [CLS] attends to most
 (VisionZip's dominant choice, no contextual tokens) by masking the other image tokens from the decoder, positions
-intact, in transformers; set beside the served numbers of eval/results/tokens_random. Also: the share of objects
-none of whose patches is among the K, and the accuracy with only the object patches visible (the decoder's own
-tolerance of losing the background).
+intact, in transformers; and the same K at consecutive positions, the text after moved back, as the served class
+lays them out (K tokens in K placeholders); set beside the served numbers of eval/results/tokens_random. Also: the
+share of objects none of whose patches is among the K, and the accuracy with only the object patches visible (the
+decoder's own tolerance of losing the background).
 
     .venv/bin/python eval/toy_token_masking.py [MODEL] [--images 400] [--output eval/results/toy_token_masking]
 """
@@ -44,11 +45,12 @@ def main() -> None:
     results = {"model": portable_name(args.model), "images": args.images, "questions": len(split.prompts),
                "all_tokens": answer_accuracy(model, split, pad),
                "object_tokens_only": answer_accuracy(model, split, pad, hidden=owner == 0),
-               "top_k_by_cls_masked": {}, "objects_outside_top_k": {}}
+               "top_k_by_cls_masked": {}, "top_k_by_cls_compacted": {}, "objects_outside_top_k": {}}
     objects = [(image, k) for image in range(len(owner)) for k in owner[image].unique().tolist() if k]
     for budget in BUDGETS:
         keep = torch.zeros_like(attention, dtype=torch.bool).scatter_(1, attention.topk(budget, dim=-1).indices, True)
         results["top_k_by_cls_masked"][budget] = answer_accuracy(model, split, pad, hidden=~keep)
+        results["top_k_by_cls_compacted"][budget] = answer_accuracy(model, split, pad, hidden=~keep, compact=True)
         # an object none of whose patches is kept: what no decoder can answer about
         results["objects_outside_top_k"][budget] = sum(
             not (keep[image] & (owner[image] == k)).any() for image, k in objects) / len(objects)

@@ -362,7 +362,7 @@ def _add_train_toy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     defaults = ToyTrainingConfig()
     names = ("seed", "epochs", "batch_size", "learning_rate", "train_images", "eval_every", "stop_accuracy",
-             "stop_family_accuracy", "max_steps")
+             "stop_family_accuracy", "max_steps", "compact_share")
     for name in names:
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,

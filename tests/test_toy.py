@@ -33,6 +33,7 @@ from shortlvlm_vllm.toy.training import (
     caption,
     cls_attention_loss,
     cls_attention_on_objects,
+    compacted_rows,
     encode_split,
     hidden_background,
     prompt_text,
@@ -174,6 +175,44 @@ def test_the_curriculum_hides_image_tokens_from_every_other_token_and_only_those
     assert changed and all(row == 0 and key in columns and query != key for row, query, key in changed)
     assert not masked[0][:, columns].logical_and(~torch.eye(masked.shape[1], dtype=torch.bool)[:, columns]).any()
     assert torch.equal(plain[1], masked[1])
+
+
+def test_a_compacted_row_computes_the_prompt_without_its_hidden_tokens(tokenizer, rows):
+    """What visual-token pruning serves: the hidden tokens out of the sequence, the rest at consecutive positions."""
+    model, processor = make_llava(tokenizer, num_layers=2, hidden_size=128, image_size=48, patch_size=16)
+    split = encode_split(rows, tokenizer, processor.image_processor, image_tokens=9)
+    question = split.conversations()[0][0]
+    hidden = torch.zeros(1, 9, dtype=torch.bool)
+    hidden[0, [0, 3, 5]] = True
+    eos = tokenizer.eos_token_id
+    captured = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+
+    def answer_logits(compact: bool) -> torch.Tensor:
+        batch = _batch(split, [[question]], tokenizer.pad_token_id, eos, with_answers=True, hidden=hidden,
+                       compact=torch.tensor([compact]))
+        at = (batch["labels"][0] != -100).nonzero().flatten() - 1
+        with torch.no_grad():
+            return model(**{k: v for k, v in batch.items() if k not in ("last", "labels")}).logits[0, at]
+
+    compacted, intact = answer_logits(True), answer_logits(False)
+    hook.remove()
+    end = split.prefix_lengths[question]
+    kept = torch.ones(captured["embeds"].shape[1], dtype=torch.bool)
+    kept[end - 9 + torch.tensor([0, 3, 5])] = False
+    with torch.no_grad():  # the same embeddings with the hidden tokens taken out, a plain causal prompt
+        shorter = model.lm_head(model.model.language_model(inputs_embeds=captured["embeds"][:, kept]).last_hidden_state)
+    at = (_batch(split, [[question]], tokenizer.pad_token_id, eos, with_answers=True)["labels"][0] != -100)
+    expected = shorter[0, at[kept].nonzero().flatten() - 1]
+    torch.testing.assert_close(compacted, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(intact, expected, atol=1e-4)  # positions intact is another computation
+
+
+def test_compacted_rows_are_the_configured_share():
+    generator = torch.Generator().manual_seed(0)
+    assert abs(compacted_rows(ToyTrainingConfig(compact_share=0.5), 4000, generator).float().mean().item() - 0.5) < 0.03
+    assert not compacted_rows(ToyTrainingConfig(compact_share=0.0), 100, generator).any()
 
 
 def test_background_becomes_visible_linearly_after_the_hidden_steps():
