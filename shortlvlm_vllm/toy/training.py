@@ -291,12 +291,10 @@ def _compacted_positions(positions: list[int], end: int, hidden: torch.Tensor) -
     """A row's positions with its `hidden` image tokens (the last len(hidden) before `end`) taken out: the visible
     ones consecutive, everything after back by the number hidden; a hidden token keeps its own (nothing reads it)."""
     start = end - len(hidden)
-    visible = (~hidden).long()
-    shifted = (start + visible.cumsum(0) - visible).tolist()
-    gone = int(hidden.sum())
-    return (positions[:start] + [p if h else q for p, q, h in zip(positions[start:end], shifted, hidden.tolist(),
-                                                                   strict=True)]
-            + [p - gone for p in positions[end:]])
+    out = torch.tensor(positions)
+    out[start:end][~hidden] = start + torch.arange(int((~hidden).sum()))
+    out[end:] -= int(hidden.sum())
+    return out.tolist()
 
 
 def compacted_rows(config: ToyTrainingConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
