@@ -7,15 +7,16 @@ The toy model is too small for its throughput to move with its size (the server'
 script builds a random-weight LLaVA with the toy's image geometry (72 px, patch 8: 81 tokens per image), the toy's
 word tokenizer and chat template (so every prompt has the toy's token count), the toy's 16 decoder layers and
 vision tower, and a decoder of hidden 1024 that dominates the cost. It runs the stacking grid on it with the
-matrix runner (TIS+SCP 0/30/40% x none/GPTQ W4A16 x 100/50/25/12.5% of the visual tokens, one vLLM server per
-arm, one after the other, the same requests for each): the synthetic benchmark's prompts (prefill-heavy: 81
-image tokens and a short question) with 2 output tokens each, as the benchmarks' one-word answers and their
-end of sequence. The random model's accuracy is meaningless and not reported.
+matrix runner (TIS+SCP 0/30/40% x none/GPTQ W4A16 x 100/50/25/12.5% of the visual tokens; per serving shape
+`--repeats` rounds of one vLLM server start and the same requests, the rounds interleaved across shapes): the
+synthetic benchmark's prompts (prefill-heavy: 81 image tokens and a short question) with 2 output tokens each, as
+the benchmarks' one-word answers and their end of sequence. The random model's accuracy is meaningless and not reported.
 
-It then joins each arm's throughput multiple over the full model with the toy's accuracy on the same arm
-(`--accuracy`, the stacking matrix's results.json) into `stacking.md` / `stacking.json` / `stacking.png`:
-accuracy against throughput with the Pareto front, and the best multiple at which at least 97% of the full
-toy model's accuracy is kept.
+It then gives each of the toy's arms (`--accuracy`, the stacking matrix's directory) the random model's throughput
+for the same serving shape and writes the matrix's tables and plot for the pair into `--output` (results.md, with
+each arm's interval and paired test against the full model; accuracy_vs_throughput.png with the Pareto front),
+and `best.md` / `best.json`: the highest throughput multiple over the full model at which at least 97% of the full
+toy model's accuracy is kept, with the multiple's range over the interleaved rounds.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
-from shortlvlm_vllm.evaluation.matrix import Matrix, load_config, pareto_front
-from shortlvlm_vllm.plots import plot_accuracy_vs_throughput
+from shortlvlm_vllm.evaluation.matrix import RESULT_NAME, UNITS_NAME, Matrix, load_config
+from shortlvlm_vllm.evaluation.tables import write_tables
 from shortlvlm_vllm.tiny_models import make_llava, save_hub_checkpoint
 from shortlvlm_vllm.toy.training import ToyTrainingConfig, build_word_tokenizer
 
@@ -48,61 +50,45 @@ def build_model(out: Path, hidden: int) -> Path:
     return save_hub_checkpoint(model, processor, out, dtype=torch.bfloat16, overwrite=True)
 
 
-def join(speed: list[dict], accuracy: list[dict]) -> list[dict]:
-    """Per arm of both runs: the toy's accuracy (and its share of the full model's) and the random model's
-    served throughput (and its multiple of the full model's)."""
-    toy = {r["arm"]: r for r in accuracy}
+def join(accuracy_dir: Path, config, speed: list[dict]) -> list[dict]:
+    """The toy's result for each arm of the grid, with the random model's throughput for the arm's serving shape."""
     fast = {r["arm"]: r for r in speed}
-    full_accuracy = toy["full"]["accuracy"]["accuracy"]
-    full_speed = fast["full"]["throughput"]["request_throughput"]
-    rows = []
-    for name, r in fast.items():
-        if name not in toy:
-            continue
-        acc = toy[name]["accuracy"]["accuracy"]
-        rows.append({
-            "arm": name, "layers": toy[name]["layers"], "quantize": r["quantize"],
-            "visual_tokens": toy[name].get("visual_tokens") or "all", "toy_accuracy": round(acc, 4),
-            "accuracy_kept": round(acc / full_accuracy, 4),
-            "req_per_s": round(r["throughput"]["request_throughput"], 3),
-            "ttft_p50_ms": round(r["throughput"]["median_ttft_ms"], 1),
-            "throughput_multiple": round(r["throughput"]["request_throughput"] / full_speed, 3),
-        })
-    return rows
+    joined = []
+    for arm in config.arms:
+        path = accuracy_dir / "arms" / arm.slug / RESULT_NAME
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run the stacking matrix first ({accuracy_dir}).")
+        toy = json.loads(path.read_text())
+        joined.append({**toy, "throughput_key": fast[arm.name]["throughput_key"],
+                       "throughput": fast[arm.name]["throughput"]})
+    return joined
 
 
-def write_stacking(rows: list[dict], out: Path, model: str) -> dict:
-    points = [(r["toy_accuracy"], r["throughput_multiple"]) for r in rows]
-    front = set(pareto_front(points))
-    for i, r in enumerate(rows):
-        r["pareto"] = i in front
-    kept = [r for r in rows if r["accuracy_kept"] >= KEEP]
-    best = max(kept, key=lambda r: r["throughput_multiple"])
-    summary = {"model": model, "keep": KEEP, "best_multiple_keeping": best, "rows": rows}
-    (out / "stacking.json").write_text(json.dumps(summary, indent=1) + "\n")
-    columns = list(rows[0])
-    lines = [f"Toy accuracy (whole test split) against served throughput on {model}; multiple of the full model's "
-             f"requests/s. Best multiple keeping >= {KEEP:.0%} of the full accuracy: **{best['arm']}, "
-             f"{best['throughput_multiple']}x** ({best['accuracy_kept']:.1%} of the accuracy).", "",
-             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(("**yes**" if v else "") if isinstance(v, bool) else str(v) for v in r.values()) + " |"
-              for r in rows]
-    (out / "stacking.md").write_text("\n".join(lines) + "\n")
-    (out / "stacking.png").write_bytes(plot_accuracy_vs_throughput(
-        [r["arm"] for r in rows], [r["quantize"] for r in rows],
-        [(r["toy_accuracy"], r["req_per_s"] * 2) for r in rows], front))
-    return summary
+def best_multiple(rows: list[dict]) -> dict:
+    """The arm with the highest median throughput multiple over the full model among those keeping KEEP of its
+    accuracy; the multiple's range pairs the extremes of the rounds (slowest arm round over fastest full round)."""
+    full = next(r for r in rows if "vs_full" not in r)
+    kept = [r for r in rows if r["accuracy"] >= KEEP * full["accuracy"]]
+    best = max(kept, key=lambda r: r["output_tok_per_s"])
+    return {"arm": best["arm"], "keep": KEEP, "accuracy": best["accuracy"], "full_accuracy": full["accuracy"],
+            "accuracy_kept": round(best["accuracy"] / full["accuracy"], 4),
+            "vs_full_points": [round(100 * best.get(k, 0.0), 1) for k in ("vs_full", "vs_full_low", "vs_full_high")],
+            "multiple": round(best["output_tok_per_s"] / full["output_tok_per_s"], 3),
+            "multiple_range": [round(best["output_tok_per_s_low"] / full["output_tok_per_s_high"], 3),
+                               round(best["output_tok_per_s_high"] / full["output_tok_per_s_low"], 3)],
+            "pareto_front": [r["arm"] for r in rows if r.get("pareto")]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("eval/configs/stacking_tokens.yaml"),
                         help="the stacking matrix whose grid is measured")
-    parser.add_argument("--accuracy", type=Path, default=Path("eval/results/stacking_tokens/results.json"),
-                        help="the toy model's results on that grid")
+    parser.add_argument("--accuracy", type=Path, default=Path("eval/results/stacking_tokens"),
+                        help="the stacking matrix's results on the toy model (its output directory)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved throughput rounds per serving shape")
     parser.add_argument("--output", type=Path, default=Path("eval/results/stacking_throughput"))
     parser.add_argument("--build-only", action="store_true",
                         help="build (and cache) every arm's checkpoint, measure nothing: the slow part, which "
@@ -117,18 +103,31 @@ def main() -> None:
     config.calibration = {"source": "synthetic", "num_samples": 32}
     config.quantize = {**config.quantize, "num_samples": 16}
     config.benchmark = {"name": "synthetic", "limit": 8}  # a random model's answers: only served, not scored
-    config.throughput = {"num_prompts": args.num_prompts, "concurrency": args.concurrency, "output_len": 2}
-    matrix = Matrix(config, args.output)
+    config.throughput = {"num_prompts": args.num_prompts, "concurrency": args.concurrency, "output_len": 2,
+                         "repeats": args.repeats, "per": "shape"}
+    matrix = Matrix(config, args.output / "random-model", cache=args.output / "checkpoints")
     if args.build_only:
         matrix.check_source()
         for arm in config.arms:
             matrix.checkpoint(arm)
         return
-    speed = matrix.run()
-    name = (f"a random LLaVA with the toy's geometry (81 tokens per image, 16 layers), decoder hidden {args.hidden}, "
-            f"bfloat16; {args.num_prompts} synthetic prompts at concurrency {args.concurrency}, 2 output tokens")
-    summary = write_stacking(join(speed, json.loads(args.accuracy.read_text())), args.output, name)
-    print(json.dumps(summary["best_multiple_keeping"], indent=1))
+    joined = join(args.accuracy, load_config(args.config), matrix.run())
+    shutil.copyfile(args.accuracy / UNITS_NAME, args.output / UNITS_NAME)
+    write_tables(joined, args.output)
+    best = best_multiple(json.loads((args.output / "results.json").read_text())["arms"])
+    best["throughput_measured_on"] = (
+        f"a random LLaVA with the toy's geometry (81 tokens per image, 16 layers), decoder hidden {args.hidden}, "
+        f"bfloat16; {args.num_prompts} synthetic prompts at concurrency {args.concurrency}, 2 output tokens, "
+        f"{args.repeats} interleaved rounds per shape")
+    (args.output / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+    lo, hi = best["multiple_range"]
+    (args.output / "best.md").write_text(
+        f"Best served-throughput multiple keeping >= {KEEP:.0%} of the full toy model's accuracy: **{best['arm']}, "
+        f"{best['multiple']}x** (range {lo}-{hi}x over the rounds), accuracy {100 * best['accuracy']:.1f}% vs "
+        f"{100 * best['full_accuracy']:.1f}% ({100 * best['accuracy_kept']:.1f}% kept; "
+        "{:+.1f} points [{:+.1f}, {:+.1f}]). ".format(*best["vs_full_points"]) +
+        f"Pareto front: {', '.join(best['pareto_front'])}. Throughput measured on {best['throughput_measured_on']}.\n")
+    print(json.dumps(best, indent=1))
 
 
 if __name__ == "__main__":

@@ -212,7 +212,9 @@ def test_a_compacted_row_computes_the_prompt_without_its_hidden_tokens(tokenizer
 def test_compacted_rows_are_the_configured_share():
     generator = torch.Generator().manual_seed(0)
     assert abs(compacted_rows(ToyTrainingConfig(compact_share=0.5), 4000, generator).float().mean().item() - 0.5) < 0.03
-    assert not compacted_rows(ToyTrainingConfig(compact_share=0.0), 100, generator).any()
+    state = generator.get_state()
+    assert compacted_rows(ToyTrainingConfig(compact_share=0.0), 100, generator) is None
+    assert torch.equal(generator.get_state(), state)  # share 0 draws nothing: such a run's stream is unchanged
 
 
 def test_background_becomes_visible_linearly_after_the_hidden_steps():

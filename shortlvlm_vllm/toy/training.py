@@ -105,8 +105,7 @@ class ToyTrainingConfig:
     # every question at the same distance from the image, the toy of stop 26 lost 11 points when served with 40
     # of 81 tokens, its [CLS] top 40 at compacted positions, and none with the same 40 at their own positions
     # (300 test images, transformers); LLaVA-1.5 sees prompts of every length and VisionZip's shorter ones too.
-    # 0 draws nothing: the shipped toy's run.
-    compact_share: float = 0.0
+    compact_share: float = 0.5
 
 
 # BOS comes from the chat template, not from the tokenizer: vLLM's chat endpoint adds no special
@@ -297,9 +296,10 @@ def _compacted_positions(positions: list[int], end: int, hidden: torch.Tensor) -
     return out.tolist()
 
 
-def compacted_rows(config: ToyTrainingConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
-    """[rows] bool: the rows whose hidden tokens are also out of the positions, each with `compact_share`."""
-    return torch.rand(rows, generator=generator) < config.compact_share
+def compacted_rows(config: ToyTrainingConfig, rows: int, generator: torch.Generator) -> torch.Tensor | None:
+    """[rows] bool: the rows whose hidden tokens are also out of the positions, each with `compact_share`; None at
+    share 0, drawing nothing, so that a run without compaction keeps its random stream."""
+    return torch.rand(rows, generator=generator) < config.compact_share if config.compact_share else None
 
 
 # What the warm-up teaches each patch's feature, for a patch an object covers (all 0, "background",
@@ -598,8 +598,7 @@ def train_toy_model(config: ToyTrainingConfig, out_dir: str | Path, overwrite: b
         images = train.image_index[[questions[0] for questions in batch]]
         shown = background_visibility(config, step)
         hidden = hidden_background(config, step, train_background[images], curriculum_rng)
-        compact = compacted_rows(config, len(batch), curriculum_rng) if hidden is not None and config.compact_share \
-            else None
+        compact = compacted_rows(config, len(batch), curriculum_rng) if hidden is not None else None
         inputs = _batch(train, batch, pad_id, eos_id, with_answers=True, hidden=hidden, compact=compact)
         del inputs["last"]
         model.train()
