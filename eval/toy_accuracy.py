@@ -42,7 +42,7 @@ def main() -> None:
     items = benchmark.load(limit=args.questions)
 
     def transformers_scores(model: str | Path) -> dict[str, float]:
-        replies = ask_transformers(model, items, benchmark.max_tokens)
+        replies = ask_transformers(model, items, benchmark.max_tokens, batch_size=50)  # batched answers = one at a time
         return benchmark.score(items, {i.id: benchmark.parse(i, r) for i, r in zip(items, replies, strict=True)})
 
     src = open_checkpoint(args.model)
