@@ -31,6 +31,7 @@ import torch
 
 from shortlvlm_vllm.evaluation.matrix import RESULT_NAME, UNITS_NAME, Matrix, load_config
 from shortlvlm_vllm.evaluation.tables import write_tables
+from shortlvlm_vllm.files import write_atomic
 from shortlvlm_vllm.tiny_models import make_llava, save_hub_checkpoint
 from shortlvlm_vllm.toy.training import ToyTrainingConfig, build_word_tokenizer
 
@@ -119,9 +120,9 @@ def main() -> None:
         f"a random LLaVA with the toy's geometry (81 tokens per image, 16 layers), decoder hidden {args.hidden}, "
         f"bfloat16; {args.num_prompts} synthetic prompts at concurrency {args.concurrency}, 2 output tokens, "
         f"{args.repeats} interleaved rounds per shape")
-    (args.output / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+    write_atomic(args.output / "best.json", json.dumps(best, indent=1) + "\n")
     lo, hi = best["multiple_range"]
-    (args.output / "best.md").write_text(
+    write_atomic(args.output / "best.md",
         f"Best served-throughput multiple keeping >= {KEEP:.0%} of the full toy model's accuracy: **{best['arm']}, "
         f"{best['multiple']}x** (range {lo}-{hi}x over the rounds), accuracy {100 * best['accuracy']:.1f}% vs "
         f"{100 * best['full_accuracy']:.1f}% ({100 * best['accuracy_kept']:.1f}% kept; "
