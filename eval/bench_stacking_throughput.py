@@ -7,10 +7,11 @@ The toy model is too small for its throughput to move with its size (the server'
 script builds a random-weight LLaVA with the toy's image geometry (72 px, patch 8: 81 tokens per image), the toy's
 word tokenizer and chat template (so every prompt has the toy's token count), the toy's 16 decoder layers and
 vision tower, and a decoder of hidden 1024 that dominates the cost. It runs the stacking grid on it with the
-matrix runner (TIS+SCP 0/30/40% x none/GPTQ W4A16 x 100/50/25/12.5% of the visual tokens; per serving shape
-`--repeats` rounds of one vLLM server start and the same requests, the rounds interleaved across shapes): the
-synthetic benchmark's prompts (prefill-heavy: 81 image tokens and a short question) with 2 output tokens each, as
-the benchmarks' one-word answers and their end of sequence. The random model's accuracy is meaningless and not reported.
+matrix's checkpoints and throughput rounds (TIS+SCP 0/30/40% x none/GPTQ W4A16 x 100/50/25/12.5% of the visual
+tokens; per serving shape `--repeats` rounds of one vLLM server start and the same requests, the rounds interleaved
+across shapes): the synthetic benchmark's prompts (prefill-heavy: 81 image tokens and a short question) with 2 output
+tokens each, as the benchmarks' one-word answers and their end of sequence. The random model is not asked for
+answers: its accuracy means nothing.
 
 It then gives each of the toy's arms (`--accuracy`, the stacking matrix's directory) the random model's throughput
 for the same serving shape and writes the matrix's tables and plot for the pair into `--output` (results.md, with
@@ -25,13 +26,14 @@ import argparse
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from shortlvlm_vllm.evaluation.matrix import RESULT_NAME, UNITS_NAME, Matrix, load_config
-from shortlvlm_vllm.evaluation.tables import write_tables
-from shortlvlm_vllm.files import write_atomic
+from shortlvlm_vllm.evaluation.tables import arm_rows, write_tables
+from shortlvlm_vllm.files import check_apart, write_atomic
 from shortlvlm_vllm.tiny_models import make_llava, save_hub_checkpoint
 from shortlvlm_vllm.toy.training import ToyTrainingConfig, build_word_tokenizer
 
@@ -49,6 +51,22 @@ def build_model(out: Path, hidden: int) -> Path:
         patch_size=toy.patch_size, initializer_range=0.02, seed=0,
     )
     return save_hub_checkpoint(model, processor, out, dtype=torch.bfloat16, overwrite=True)
+
+
+def served_throughput(matrix: Matrix) -> list[dict]:
+    """Each arm's serving shape and the random model's throughput rounds for it; its answers are not asked for (a
+    random model's accuracy means nothing, and each arm would cost a server start)."""
+    check_apart(matrix.out, matrix.protected())
+    matrix.check_source()
+    shapes = []
+    for arm in matrix.config.arms:
+        checkpoint = matrix.checkpoint(arm)
+        config = json.loads((checkpoint / "config.json").read_text())
+        _, visual_tokens = matrix.server_kwargs(arm, checkpoint)
+        shapes.append({**asdict(arm), "arm": arm.name,
+                       "throughput_key": matrix.throughput_key(arm, checkpoint, config, visual_tokens)})
+    speeds = matrix.measure_throughput(shapes)
+    return [{**shape, "throughput": speeds[shape["throughput_key"]]} for shape in shapes]
 
 
 def join(accuracy_dir: Path, config, speed: list[dict]) -> list[dict]:
@@ -87,7 +105,7 @@ def main() -> None:
     parser.add_argument("--accuracy", type=Path, default=Path("eval/results/stacking_tokens"),
                         help="the stacking matrix's results on the toy model (its output directory)")
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved throughput rounds per serving shape")
     parser.add_argument("--output", type=Path, default=Path("eval/results/stacking_throughput"))
@@ -101,9 +119,9 @@ def main() -> None:
     config = load_config(args.config)
     config.model = model_dir.relative_to(Path.cwd()).as_posix() if model_dir.is_relative_to(Path.cwd()) else (
         str(model_dir))
-    config.calibration = {"source": "synthetic", "num_samples": 32}
+    config.calibration = {"source": "synthetic", "num_samples": 64}  # rank 64 needs as many
     config.quantize = {**config.quantize, "num_samples": 16}
-    config.benchmark = {"name": "synthetic", "limit": 8}  # a random model's answers: only served, not scored
+    config.benchmark = {"name": "synthetic"}  # the throughput workload's prompts
     config.throughput = {"num_prompts": args.num_prompts, "concurrency": args.concurrency, "output_len": 2,
                          "repeats": args.repeats, "per": "shape"}
     matrix = Matrix(config, args.output / "random-model", cache=args.output / "checkpoints")
@@ -112,10 +130,10 @@ def main() -> None:
         for arm in config.arms:
             matrix.checkpoint(arm)
         return
-    joined = join(args.accuracy, load_config(args.config), matrix.run())
+    joined = join(args.accuracy, load_config(args.config), served_throughput(matrix))
     shutil.copyfile(args.accuracy / UNITS_NAME, args.output / UNITS_NAME)
     write_tables(joined, args.output)
-    best = best_multiple(json.loads((args.output / "results.json").read_text())["arms"])
+    best = best_multiple(arm_rows(joined, json.loads((args.output / UNITS_NAME).read_text())["groups"]))
     best["throughput_measured_on"] = (
         f"a random LLaVA with the toy's geometry (81 tokens per image, 16 layers), decoder hidden {args.hidden}, "
         f"bfloat16; {args.num_prompts} synthetic prompts at concurrency {args.concurrency}, 2 output tokens, "

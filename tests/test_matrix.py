@@ -66,6 +66,24 @@ def test_token_axis_expands_names_and_serves_the_budget_through_hf_overrides(tin
     assert overrides["short_lvlm"] == {"visual_tokens": 16, "visual_token_selection": "random"}
 
 
+def test_arms_that_differ_only_in_their_visual_tokens_share_one_quantized_checkpoint(tiny_llava, tmp_path,
+                                                                                       monkeypatch):
+    import shortlvlm_vllm.quantize.driver as driver
+
+    quantized = []
+
+    def fake_quantize(src, dst, recipe, overwrite):  # records the call; a quantization pass is slow and not the point
+        quantized.append(Path(dst).name)
+        Path(dst).mkdir(parents=True)
+        (Path(dst) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(driver, "quantize_checkpoint", fake_quantize)
+    config = MatrixConfig(model=str(tiny_llava), arms=[Arm(0.0, "-", "-", "gptq", t) for t in (1.0, 0.5, 0.25)])
+    matrix = Matrix(config, tmp_path / "out", cache=tmp_path / "cache")
+    assert len({matrix.checkpoint(arm) for arm in config.arms}) == 1
+    assert len(quantized) == 1 and quantized[0].startswith("full_gptq-")
+
+
 def test_qwen_token_fractions_take_their_share_of_the_largest_image(tiny_qwen2_vl, tmp_path):
     """Qwen2-VL's token count grows with the image: the adapter says to count the most an image gets under the
     processor's pixel limit (the fixture's 64 * 28 * 28 pixels: 64 merged tokens), and the arm's server gets the

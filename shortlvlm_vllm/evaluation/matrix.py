@@ -79,8 +79,13 @@ class Arm:
         return f"{self.localize_name}+{self.compensation_name}-{round(self.ratio * 100)}%"
 
     @property
+    def weights_name(self) -> str:
+        """The part of the name that decides the weights (the visual tokens are chosen by the server)."""
+        return self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
+
+    @property
     def name(self) -> str:
-        name = self.pruning_name if self.quantize == "none" else f"{self.pruning_name}+{self.quantize}"
+        name = self.weights_name
         if self.token_fraction == 1:
             return name
         tokens = f"{name}+tokens-{round(self.token_fraction * 100)}%"
@@ -242,14 +247,15 @@ class Matrix:
         return resolve_model_dir(self.config.model)[0]
 
     def checkpoint(self, arm: Arm) -> Path:
-        """The arm's checkpoint: pruned (cached by its prune recipe), then quantized (cached by both)."""
+        """The arm's checkpoint: pruned (cached by its prune recipe), then quantized (cached by both; arms that differ
+        only in their visual tokens share it)."""
         pruned = self._pruned(arm)
         if arm.quantize == "none":
             return pruned
         from shortlvlm_vllm.quantize.driver import QuantizeRecipe, quantize_checkpoint
 
         q = self.config.quantize
-        dst = self.cache / f"{arm.slug}-{_key(str(pruned), arm.quantize, q, self.config.calibration)}"
+        dst = self.cache / f"{_slug(arm.weights_name)}-{_key(str(pruned), arm.quantize, q, self.config.calibration)}"
         if not (dst / "config.json").is_file():
             log.info("quantizing %s with %s", pruned, arm.quantize)
             recipe = QuantizeRecipe(arm.quantize, q.get("scheme", "W4A16"), q.get("group_size", 128),
